@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+QWEN3VL := $(VENV)/bin/qwen3vl
+# The default model that ships with the project: a synthetic checkpoint made on first use.
+DEMO_CHECKPOINT ?= checkpoints/demo-small
+MODEL ?= $(DEMO_CHECKPOINT)
+IMAGE ?= assets/sample.png
+PROMPT ?= Describe this image.
+# pip finds torch==2.13.0 (CPU build) in a local wheel folder where the machine has one.
+PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: install demo test bench-test checkpoint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_LOCAL) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DEMO_CHECKPOINT)/config.json: | $(VENV)/.installed
+	$(QWEN3VL) synth --preset small --out $(DEMO_CHECKPOINT) --force
+
+checkpoint: $(DEMO_CHECKPOINT)/config.json
+
+# Until the export stage lands, the PyTorch model answers.
+demo: install checkpoint
+	$(QWEN3VL) run --checkpoint $(MODEL) --image $(IMAGE) --prompt "$(PROMPT)" --max-new-tokens 32
+
+test: install
+	$(PY) -m pytest -q
+
+# Full-size (2B) checks; they need about 20 GB of RAM and several minutes.
+bench-test: install
+	$(PY) -m pytest -q -m slow -o addopts="-ra"
+
+clean:
+	rm -rf $(VENV) checkpoints engines

@@ -1,0 +1,32 @@
+"""The `qwen3vl` command line: one subcommand per file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from runtime.errors import Qwen3VLError
+
+from . import run, synth
+
+SUBCOMMANDS = (synth, run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qwen3vl", description="Qwen3-VL on modest hardware.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS:
+        module.add_parser(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except Qwen3VLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory (try a smaller --max-pixels, a shorter prompt or a smaller model)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""onnx-graphsurgeon rewrites that insert fused nodes (lands with the graph-passes issue)."""

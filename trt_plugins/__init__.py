@@ -1,0 +1,1 @@
+"""CUDA kernels and TensorRT plugins for the fused nodes (lands with the plugins issue)."""
