@@ -52,24 +52,29 @@ def greedy_tokens(
 ) -> Iterator[int]:
     """Yields generated token ids one by one (stops after an end-of-turn token)."""
     cfg = model.config
-    ids = torch.from_numpy(input_ids[None].astype(np.int64))
+    length = len(input_ids)
     positions, delta = rope_index(input_ids[None], image_grid_thw, None, cfg.image_token_id,
                                   cfg.vision.spatial_merge_size)
     image_embeds = deepstack = None
     if pixel_values is not None and len(pixel_values):
         image_embeds, deepstack = model.encode_images(torch.from_numpy(pixel_values), image_grid_thw)
-    mask = torch.ones_like(ids)
-    logits, keys, values = model(ids, torch.from_numpy(positions), mask, image_embeds=image_embeds,
-                                 deepstack=deepstack)
-    for _ in range(max_new_tokens):
+    keys, values = model.new_cache(1, length + max_new_tokens)
+    logits, keys, values = model(
+        torch.from_numpy(input_ids[None].astype(np.int64)), torch.from_numpy(positions),
+        torch.tensor([length - 1], dtype=torch.int32), torch.tensor([length], dtype=torch.int32),
+        keys, values, image_embeds=image_embeds, deepstack=deepstack,
+    )
+    for step in range(max_new_tokens):
         token = int(logits[0, -1].argmax())
         yield token
-        if token in eos_ids:
+        if token in eos_ids or step == max_new_tokens - 1:
             return
-        cache_len = keys[0].shape[2]
+        cache_len = length + step  # tokens in the cache before this one
         step_pos = torch.full((3, 1, 1), cache_len + int(delta[0, 0]), dtype=torch.int64)
-        mask = torch.ones((1, cache_len + 1), dtype=torch.int64)
-        logits, keys, values = model(torch.tensor([[token]]), step_pos, mask, keys, values)
+        logits, keys, values = model(
+            torch.tensor([[token]]), step_pos, torch.tensor([cache_len], dtype=torch.int32),
+            torch.tensor([cache_len + 1], dtype=torch.int32), keys, values,
+        )
 
 
 class ReferencePipeline:

@@ -75,27 +75,27 @@ class Qwen3VL(nn.Module):
             dense = torch.stack([d.masked_scatter(is_image, f.to(d.dtype)) for d, f in zip(dense, deepstack)])
         return embeds, dense
 
-    def empty_cache(self, batch: int, dtype: torch.dtype | None = None):
+    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None):
+        """Zeroed key/value buffers, one pair per layer, for up to `capacity` tokens per row."""
         t = self.config.text
         dtype = dtype or self.lm_head_weight().dtype
-        shape = (batch, t.num_key_value_heads, 0, t.head_dim)
-        return [torch.zeros(shape, dtype=dtype) for _ in range(t.num_hidden_layers)], [
-            torch.zeros(shape, dtype=dtype) for _ in range(t.num_hidden_layers)
-        ]
+        shape = (batch, t.num_key_value_heads, capacity, t.head_dim)
+        return ([torch.zeros(shape, dtype=dtype) for _ in range(t.num_hidden_layers)],
+                [torch.zeros(shape, dtype=dtype) for _ in range(t.num_hidden_layers)])
 
     def forward(
         self,
-        input_ids: torch.Tensor,  # (B, S)
+        input_ids: torch.Tensor,  # (B, S), rows right-padded
         position_ids: torch.Tensor,  # (3, B, S)
-        attention_mask: torch.Tensor,  # (B, P+S)
-        past_keys: list[torch.Tensor] | None = None,
-        past_values: list[torch.Tensor] | None = None,
+        seqlens_k: torch.Tensor,  # (B,) int32: valid keys after this step - 1
+        total_sequence_length: torch.Tensor,  # (1,) int32
+        past_keys: list[torch.Tensor],
+        past_values: list[torch.Tensor],
         image_embeds: torch.Tensor | None = None,
         deepstack: torch.Tensor | None = None,
     ):
-        """Logits (B, S, vocab) and the present KV cache."""
-        if past_keys is None:
-            past_keys, past_values = self.empty_cache(input_ids.shape[0])
+        """Logits (B, S, vocab) and the KV buffers with this step's keys written."""
         embeds, dense = self.embed(input_ids, image_embeds, deepstack)
-        hidden, keys, values = self.language_model(embeds, position_ids, attention_mask, past_keys, past_values, dense)
+        hidden, keys, values = self.language_model(embeds, position_ids, seqlens_k, total_sequence_length,
+                                                   past_keys, past_values, dense)
         return hidden @ self.lm_head_weight().T, keys, values

@@ -1,7 +1,7 @@
 """Qwen3-VL text decoder, written for export.
 
-The KV cache is explicit data: every layer takes its past keys/values as tensors and returns the
-present ones. Rotary cos/sin are derived inside the graph from 3-D (T, H, W) position ids with a
+The KV cache is explicit data: every layer takes a preallocated key/value buffer and returns it with
+this step's keys written (`KVCacheAttention`, the contract of the fused attention node). Rotary cos/sin are derived inside the graph from 3-D (T, H, W) position ids with a
 constant gather, not with slice assignment (which exports as ScatterND). Deepstack visual features
 come in as one dense additive tensor (zero at text positions) added after the first layers.
 """
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
+from .kv_cache_attention import KVCacheAttention
 from .vision import rotate_half
 
 
@@ -48,11 +49,11 @@ class MRotaryEmbedding(nn.Module):
         self.register_buffer("axis", mrope_axis_of_frequency(dim, config.mrope_section), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # position_ids: (3, B, S) -> per-frequency position (B, S, head_dim/2) -> cos/sin (B, 1, S, head_dim)
+        # position_ids: (3, B, S) -> per-frequency position (B, S, head_dim/2) -> cos/sin (B, S, head_dim)
         positions = position_ids.float().index_select(0, self.axis).permute(1, 2, 0)
         freqs = positions * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 class Attention(nn.Module):
@@ -67,33 +68,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.core = KVCacheAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
-    def forward(
-        self,
-        x: torch.Tensor,  # (B, S, hidden)
-        cos: torch.Tensor,  # (B, 1, S, head_dim)
-        sin: torch.Tensor,
-        mask: torch.Tensor,  # (B, 1, S, P+S) additive
-        past_key: torch.Tensor,  # (B, kv_heads, P, head_dim)
-        past_value: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x, cos, sin, past_key, past_value, seqlens_k, total_sequence_length):
+        # x: (B, S, hidden); cos/sin: (B, S, head_dim); past_*: (B, kv_heads, M, head_dim)
         b, s, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        key = torch.cat((past_key, k), dim=2)
-        value = torch.cat((past_value, v), dim=2)
-
-        # Grouped-query attention without copying K/V: query heads are grouped per KV head.
-        group = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, self.num_kv_heads, group, s, self.head_dim)
-        scores = torch.matmul(q, key[:, :, None].transpose(3, 4)) * self.head_dim**-0.5
-        scores = scores + mask[:, :, None]
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, value[:, :, None]).reshape(b, self.num_heads, s, self.head_dim)
-        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim))
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        q = (q * cos + rotate_half(q) * sin).reshape(b, s, -1)
+        k = (k * cos + rotate_half(k) * sin).reshape(b, s, -1)
+        out, key, value = self.core(q, k, self.v_proj(x), past_key, past_value, seqlens_k, total_sequence_length)
         return self.o_proj(out), key, value
 
 
@@ -116,8 +101,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, past_key, past_value):
-        attn, key, value = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_key, past_value)
+    def forward(self, x, cos, sin, past_key, past_value, seqlens_k, total_sequence_length):
+        attn, key, value = self.self_attn(self.input_layernorm(x), cos, sin, past_key, past_value, seqlens_k,
+                                          total_sequence_length)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, key, value
@@ -134,27 +120,20 @@ class TextDecoder(nn.Module):
 
     def forward(
         self,
-        inputs_embeds: torch.Tensor,  # (B, S, hidden)
+        inputs_embeds: torch.Tensor,  # (B, S, hidden), rows right-padded
         position_ids: torch.Tensor,  # (3, B, S) int64
-        attention_mask: torch.Tensor,  # (B, P+S) int64, 1 for real tokens, 0 for padding
-        past_keys: list[torch.Tensor],  # per layer (B, kv_heads, P, head_dim)
+        seqlens_k: torch.Tensor,  # (B,) int32: valid keys after this step - 1
+        total_sequence_length: torch.Tensor,  # (1,) int32
+        past_keys: list[torch.Tensor],  # per layer (B, kv_heads, M, head_dim) buffers
         past_values: list[torch.Tensor],
         deepstack_embeds: torch.Tensor,  # (num_deepstack, B, S, hidden), zero at text positions
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Returns the final-normed hidden states and the present keys/values (past + new)."""
+        """Returns the final-normed hidden states and the KV buffers with this step's keys written."""
         x = inputs_embeds
-        past_len = past_keys[0].shape[2]
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-
-        # Causal within the sequence, and never onto padding.
-        query_pos = torch.arange(x.shape[1], device=x.device) + past_len
-        key_pos = torch.arange(attention_mask.shape[1], device=x.device)
-        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
-        mask = torch.where(allowed, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
-
         present_keys, present_values = [], []
         for index, layer in enumerate(self.layers):
-            x, key, value = layer(x, cos, sin, mask, past_keys[index], past_values[index])
+            x, key, value = layer(x, cos, sin, past_keys[index], past_values[index], seqlens_k, total_sequence_length)
             present_keys.append(key)
             present_values.append(value)
             if index < deepstack_embeds.shape[0]:

@@ -52,15 +52,21 @@ class Models:
             return self.theirs(input_ids=ids, attention_mask=torch.from_numpy(attention_mask), **kwargs).logits
 
     def our_logits(self, input_ids, attention_mask, processed):
+        """Rows right-padded: attention_mask is 1 on a prefix of each row."""
         cfg = self.ours.config
         grid = processed.image_grid_thw if processed is not None else None
         positions, _ = rope_index(input_ids, grid, attention_mask, cfg.image_token_id, cfg.vision.spatial_merge_size)
+        batch, length = input_ids.shape
         with torch.no_grad():
             image_embeds = deepstack = None
             if processed is not None:
                 image_embeds, deepstack = self.ours.encode_images(torch.from_numpy(processed.pixel_values), grid)
-            logits, _, _ = self.ours(torch.from_numpy(input_ids), torch.from_numpy(positions),
-                                     torch.from_numpy(attention_mask), image_embeds=image_embeds, deepstack=deepstack)
+            keys, values = self.ours.new_cache(batch, length)
+            logits, _, _ = self.ours(
+                torch.from_numpy(input_ids), torch.from_numpy(positions),
+                torch.from_numpy(attention_mask.sum(1).astype(np.int32) - 1), torch.tensor([length], dtype=torch.int32),
+                keys, values, image_embeds=image_embeds, deepstack=deepstack,
+            )
         return logits
 
 
@@ -102,9 +108,9 @@ def test_padded_batch_of_two_prompts_matches_transformers(models, config_name):
     pad = 151643
     batch = np.full((2, length), pad, dtype=np.int64)
     mask = np.zeros((2, length), dtype=np.int64)
-    for row, ids in enumerate((ids_a, ids_b)):  # left padding, as generation uses
-        batch[row, length - len(ids):] = ids
-        mask[row, length - len(ids):] = 1
+    for row, ids in enumerate((ids_a, ids_b)):  # right padding, as the runtime batches prompts
+        batch[row, :len(ids)] = ids
+        mask[row, :len(ids)] = 1
     processed = type(proc_a)(
         pixel_values=np.concatenate([proc_a.pixel_values, proc_b.pixel_values]),
         image_grid_thw=np.concatenate([proc_a.image_grid_thw, proc_b.image_grid_thw]),
@@ -119,24 +125,25 @@ def test_padded_batch_of_two_prompts_matches_transformers(models, config_name):
 
 @pytest.mark.parametrize("config_name", list(TINY_CONFIGS))
 def test_kv_cache_decode_matches_full_forward(models, config_name):
-    """Prefill part of the prompt, then feed the rest one token at a time through the cache."""
+    """Prefill part of the prompt, then feed the rest one token at a time through the KV buffers."""
     m = models[config_name]
     ids, processed = m.encode("Count the objects.", [(64, 96)], seed=5)
     full = m.our_logits(ids[None], np.ones_like(ids)[None], processed)
     cfg = m.ours.config
     positions, _ = rope_index(ids[None], processed.image_grid_thw, None, cfg.image_token_id, 2)
     split = len(ids) - 4
+    i32 = lambda *values: torch.tensor(values, dtype=torch.int32)  # noqa: E731
     with torch.no_grad():
         image_embeds, deepstack = m.ours.encode_images(torch.from_numpy(processed.pixel_values),
                                                        processed.image_grid_thw)
+        keys, values = m.ours.new_cache(1, len(ids) + 3)  # spare capacity must not change results
         logits, keys, values = m.ours(torch.from_numpy(ids[None, :split]), torch.from_numpy(positions[:, :, :split]),
-                                      torch.ones((1, split), dtype=torch.int64), image_embeds=image_embeds,
+                                      i32(split - 1), i32(split), keys, values, image_embeds=image_embeds,
                                       deepstack=deepstack)
         steps = [logits]
         for i in range(split, len(ids)):
             logits, keys, values = m.ours(torch.from_numpy(ids[None, i:i + 1]),
-                                          torch.from_numpy(positions[:, :, i:i + 1]),
-                                          torch.ones((1, i + 1), dtype=torch.int64), keys, values)
+                                          torch.from_numpy(positions[:, :, i:i + 1]), i32(i), i32(i + 1), keys, values)
             steps.append(logits)
     incremental = torch.cat(steps, dim=1)
     assert (incremental - full).abs().max().item() <= TOLERANCE

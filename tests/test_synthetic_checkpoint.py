@@ -127,8 +127,11 @@ def test_2b_forward_matches_transformers(tmp_path):
     positions, _ = rope_index(ids[None], processed.image_grid_thw, None, cfg.image_token_id, 2)
     with torch.no_grad():
         emb, deep = pipe.model.encode_images(torch.from_numpy(processed.pixel_values), processed.image_grid_thw)
+        keys, values = pipe.model.new_cache(1, len(ids))
         ours, _, _ = pipe.model(torch.from_numpy(ids[None]), torch.from_numpy(positions),
-                                torch.ones((1, len(ids)), dtype=torch.int64), image_embeds=emb, deepstack=deep)
+                                torch.tensor([len(ids) - 1], dtype=torch.int32),
+                                torch.tensor([len(ids)], dtype=torch.int32), keys, values,
+                                image_embeds=emb, deepstack=deep)
     ours = ours[0, -8:].clone()
     del pipe, emb, deep
     gc.collect()
