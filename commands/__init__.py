@@ -7,9 +7,9 @@ import sys
 
 from runtime.errors import Qwen3VLError
 
-from . import run, synth
+from . import build, run, synth
 
-SUBCOMMANDS = (synth, run)
+SUBCOMMANDS = (synth, build, run)
 
 
 def main(argv: list[str] | None = None) -> int:

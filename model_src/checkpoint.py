@@ -61,11 +61,11 @@ def weight_files(checkpoint_dir: str | Path) -> dict[str, Path]:
     single = folder / SINGLE_FILE
     if not single.is_file():
         raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
-    with _open(single) as f:
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
 
-def _open(path: Path):
+def open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -79,7 +79,7 @@ def iter_tensors(files: dict[str, Path], names: list[str]) -> Iterator[tuple[str
     for name in names:
         by_file.setdefault(files[name], []).append(name)
     for path, file_names in by_file.items():
-        with _open(path) as f:
+        with open_safetensors(path) as f:
             for name in file_names:
                 try:
                     yield name, f.get_tensor(name)

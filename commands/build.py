@@ -1,0 +1,31 @@
+"""`qwen3vl build`: checkpoint folder -> self-contained engine folder."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("build", help="export a checkpoint to an engine folder")
+    parser.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
+    parser.add_argument("--out", required=True, help="engine folder to create (replaced if it is an engine)")
+    parser.add_argument("--backend", choices=("ort",), default="ort")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--max-context", type=int, default=8192,
+                        help="longest prompt + answer in tokens (default 8192: a laptop's budget)")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from export.build_engine import build_engine
+
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"build [{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    out = build_engine(args.checkpoint, args.out, backend=args.backend, precision=args.precision,
+                       max_context=args.max_context, progress=progress)
+    progress(f"engine written to {out}")
+    return 0

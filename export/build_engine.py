@@ -1,0 +1,198 @@
+"""Checkpoint folder -> self-contained engine folder (`qwen3vl build`).
+
+Steps: read and check the checkpoint; trace the vision encoder and the text decoder with stand-in
+weights; stream the real weights into external data files; copy the tokenizer and chat template;
+write the manifest last. Everything happens in a staging folder that replaces the target only when
+complete, so a failed build leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import torch
+
+from model_src.checkpoint import checkpoint_shapes, open_safetensors, weight_files
+from model_src.config import load_config
+from model_src.generate import eos_token_ids
+from model_src.model import Qwen3VL
+from model_src.text import MRotaryEmbedding
+from runtime.engine_manifest import MANIFEST, Manifest, ModelFacts, sha256_file
+from runtime.errors import CheckpointError, Qwen3VLError
+from runtime.image_processing import ImageProcessorSettings
+from runtime.prompt import load_chat_template
+
+from .decoder_graph import export_decoder
+from .stand_in_weights import attach_weights, use_stand_in_parameters
+from .vision_graph import export_vision
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+BACKENDS = ("ort",)
+VERSIONED_PACKAGES = ("qwen3vl-pascal", "torch", "onnx", "onnxruntime", "tokenizers", "numpy", "pillow")
+
+
+def build_engine(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    backend: str = "ort",
+    precision: str = "fp32",
+    max_context: int = 8192,
+    progress: Callable[[str], None] = lambda message: None,
+) -> Path:
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
+    if backend not in BACKENDS:
+        raise Qwen3VLError(f"unsupported backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if precision not in PRECISIONS:
+        raise Qwen3VLError(f"unsupported precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if max_context < 16:
+        raise Qwen3VLError(f"--max-context {max_context} is too small")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise Qwen3VLError(f"{out}: exists and is not an engine folder; refusing to replace it")
+
+    config = load_config(checkpoint_dir)
+    if max_context > config.text.max_position_embeddings:
+        raise Qwen3VLError(f"--max-context {max_context} exceeds the model's "
+                           f"{config.text.max_position_embeddings} positions")
+    dtype = PRECISIONS[precision]
+    _check_weights(checkpoint_dir, config)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building.", dir=out.parent))
+    try:
+        for part, export in (("vision", export_vision), ("decoder", export_decoder)):
+            _export_part(part, export, config, checkpoint_dir, staging, dtype, progress)
+        files = {
+            "vision": "vision.onnx",
+            "decoder": "decoder.onnx",
+            "tokenizer": "tokenizer.json",
+            "chat_template": "chat_template.jinja",
+        }
+        tokenizer = checkpoint_dir / "tokenizer.json"
+        if not tokenizer.is_file():
+            raise CheckpointError(f"{tokenizer}: missing")
+        shutil.copyfile(tokenizer, staging / files["tokenizer"])
+        (staging / files["chat_template"]).write_text(load_chat_template(checkpoint_dir))
+
+        progress("hashing engine files")
+        names = sorted(p.name for p in staging.iterdir())
+        manifest = Manifest(
+            model=_model_facts(config, checkpoint_dir),
+            image_processor=_image_settings(checkpoint_dir),
+            backend=backend,
+            precision=precision,
+            max_context=max_context,
+            files=files,
+            hashes={name: sha256_file(staging / name) for name in names},
+            sizes={name: (staging / name).stat().st_size for name in names},
+            versions=_versions(),
+            graph_passes=["fused_attention:GroupQueryAttention"],
+            generation_defaults=_generation_defaults(checkpoint_dir),
+        )
+        (staging / MANIFEST).write_text(manifest.to_json())
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _export_part(part, export, config, checkpoint_dir, staging, dtype, progress):
+    start = time.perf_counter()
+    progress(f"{part}: tracing")
+    with torch.device("meta"):
+        model = Qwen3VL(config)
+    use_stand_in_parameters(model, dtype)
+    model.language_model.rotary_emb = MRotaryEmbedding(config.text)  # buffers were made on meta
+    path = staging / f"{part}.onnx"
+    param_names = export(model, path, dtype)
+    del model
+
+    proto = onnx.load(str(path), load_external_data=False)
+    last_shown = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done == total or now - last_shown[0] > 2:
+            last_shown[0] = now
+            progress(f"{part}: weights {done}/{total}")
+
+    attach_weights(proto, checkpoint_dir, param_names, dtype, staging / f"{part}.onnx.data", show)
+    onnx.save(proto, str(path))
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise Qwen3VLError(f"{part} graph failed the ONNX checker: {str(exc).splitlines()[0]}") from None
+    progress(f"{part}: done in {time.perf_counter() - start:.1f} s")
+
+
+def _check_weights(checkpoint_dir: Path, config) -> None:
+    """Names and shapes of every tensor (headers only), before spending minutes on a build."""
+    with torch.device("meta"):
+        expected = checkpoint_shapes(Qwen3VL(config))
+    files = weight_files(checkpoint_dir)
+    missing = [name for name in expected if name not in files]
+    if missing:
+        raise CheckpointError(f"{checkpoint_dir}: missing tensor {missing[0]}")
+    for path in sorted(set(files.values())):
+        with open_safetensors(path) as f:
+            for name in f.keys():
+                if name in expected and tuple(f.get_slice(name).get_shape()) != expected[name]:
+                    raise CheckpointError(f"{path}: tensor {name} has shape {tuple(f.get_slice(name).get_shape())}, "
+                                          f"expected {expected[name]}")
+
+
+def _model_facts(config, checkpoint_dir: Path) -> ModelFacts:
+    t, v = config.text, config.vision
+    return ModelFacts(
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_key_value_heads=t.num_key_value_heads,
+        head_dim=t.head_dim,
+        vocab_size=t.vocab_size,
+        num_deepstack=config.num_deepstack,
+        vision_head_dim=v.head_dim,
+        num_position_embeddings=v.num_position_embeddings,
+        spatial_merge_size=v.spatial_merge_size,
+        vision_rope_theta=v.rope_theta,
+        image_token_id=config.image_token_id,
+        vision_start_token_id=config.vision_start_token_id,
+        vision_end_token_id=config.vision_end_token_id,
+        eos_token_ids=eos_token_ids(checkpoint_dir),
+    )
+
+
+def _image_settings(checkpoint_dir: Path) -> ImageProcessorSettings:
+    path = checkpoint_dir / "preprocessor_config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (the engine records the checkpoint's pixel budget)")
+    try:
+        return ImageProcessorSettings.from_preprocessor_config(json.loads(path.read_text()))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _generation_defaults(checkpoint_dir: Path) -> dict:
+    path = checkpoint_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    return {k: raw[k] for k in ("temperature", "top_p", "top_k", "do_sample") if k in raw}
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions

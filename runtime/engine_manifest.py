@@ -1,0 +1,113 @@
+"""The engine folder's manifest: everything the runtime needs besides the graphs.
+
+An engine folder is self-contained: the runtime never looks at the checkpoint it was built from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import Qwen3VLError
+from .image_processing import ImageProcessorSettings
+
+MANIFEST = "manifest.json"
+FORMAT = "qwen3vl-engine"
+FORMAT_VERSION = 1
+
+
+class EngineError(Qwen3VLError):
+    """An engine folder that is missing, incomplete or built by an incompatible version."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The few hyper-parameters the runtime needs."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    num_deepstack: int
+    vision_head_dim: int
+    num_position_embeddings: int
+    spatial_merge_size: int
+    vision_rope_theta: float
+    image_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class Manifest:
+    model: ModelFacts
+    image_processor: ImageProcessorSettings
+    backend: str
+    precision: str
+    max_context: int
+    files: dict[str, str]  # role -> file name: vision, decoder, tokenizer, chat_template
+    hashes: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    sizes: dict[str, int] = field(default_factory=dict)  # file name -> bytes
+    versions: dict[str, str] = field(default_factory=dict)
+    graph_passes: list[str] = field(default_factory=list)
+    generation_defaults: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **body}, indent=2)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(engine_dir: str | Path, verify_hashes: bool = False) -> Manifest:
+    folder = Path(engine_dir)
+    if not folder.is_dir():
+        raise EngineError(f"engine folder not found: {folder} (build one with `qwen3vl build`)")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise EngineError(f"{folder}: no {MANIFEST}; not an engine folder, or its build did not finish")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EngineError(f"{path}: unreadable ({exc})") from None
+    if raw.get("format") != FORMAT:
+        raise EngineError(f"{path}: not a qwen3vl engine manifest")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise EngineError(
+            f"{folder}: built by an incompatible version (engine format {raw.get('format_version')}, "
+            f"this runtime reads {FORMAT_VERSION}); rebuild it with `qwen3vl build`"
+        )
+    try:
+        model = raw["model"]
+        manifest = Manifest(
+            model=ModelFacts(**{**model, "eos_token_ids": tuple(model["eos_token_ids"])}),
+            image_processor=ImageProcessorSettings(**{
+                **raw["image_processor"],
+                "image_mean": tuple(raw["image_processor"]["image_mean"]),
+                "image_std": tuple(raw["image_processor"]["image_std"]),
+            }),
+            **{k: raw[k] for k in ("backend", "precision", "max_context", "files", "hashes", "sizes", "versions",
+                                   "graph_passes", "generation_defaults")},
+        )
+    except (KeyError, TypeError) as exc:
+        raise EngineError(f"{path}: incomplete manifest ({exc})") from None
+    for name in sorted(set(manifest.files.values()) | set(manifest.sizes)):
+        file = folder / name
+        if not file.is_file():
+            raise EngineError(f"{folder}: engine file {name} is missing")
+        if name in manifest.sizes and file.stat().st_size != manifest.sizes[name]:
+            raise EngineError(f"{folder}: engine file {name} is incomplete or changed "
+                              f"({file.stat().st_size} bytes, expected {manifest.sizes[name]})")
+        if verify_hashes and name in manifest.hashes and sha256_file(file) != manifest.hashes[name]:
+            raise EngineError(f"{folder}: engine file {name} does not match its recorded hash")
+    return manifest

@@ -1,0 +1,97 @@
+"""ONNX Runtime backend: runs the engine's two graphs on the CPU.
+
+The KV cache is one buffer pair per layer, allocated once per generation and bound (IOBinding) as
+both the past input and the present output of the fused attention nodes, which write new keys in
+place: no step copies the cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .engine_manifest import EngineError, Manifest
+from .graph_io import past_names, present_names
+from .vision_positions import VisionInputs
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class KVCache:
+    """Per-layer key/value buffers (B, kv_heads, capacity, head_dim) and their OrtValues."""
+
+    def __init__(self, batch: int, capacity: int, manifest: Manifest, dtype):
+        import onnxruntime as ort
+
+        m = manifest.model
+        shape = (batch, m.num_key_value_heads, capacity, m.head_dim)
+        self.batch, self.capacity = batch, capacity
+        self.buffers = [np.zeros(shape, dtype=dtype) for _ in range(2 * m.num_hidden_layers)]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+
+class OrtBackend:
+    name = "onnxruntime-cpu"
+
+    def __init__(self, engine_dir: str | Path, manifest: Manifest, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.manifest = manifest
+        folder = Path(engine_dir)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: one per physical core
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.vision = ort.InferenceSession(str(folder / manifest.files["vision"]), options,
+                                               providers=["CPUExecutionProvider"])
+            self.decoder = ort.InferenceSession(str(folder / manifest.files["decoder"]), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for unreadable models
+            raise EngineError(f"{folder}: ONNX Runtime could not load the engine ({str(exc).splitlines()[0]})")
+        self.vision_dtype = _NUMPY_TYPES[self.vision.get_inputs()[0].type]
+        types = {i.name: i.type for i in self.decoder.get_inputs()}
+        self.decoder_dtype = _NUMPY_TYPES[types["visual_embeds"]]
+        layers = manifest.model.num_hidden_layers
+        self._past, self._present = past_names(layers), present_names(layers)
+
+    def encode_images(self, pixel_values: np.ndarray, host: VisionInputs) -> tuple[np.ndarray, np.ndarray]:
+        feeds = {
+            "pixel_values": pixel_values.astype(self.vision_dtype, copy=False),
+            "pos_indices": host.pos_indices,
+            "pos_weights": host.pos_weights.astype(self.vision_dtype, copy=False),
+            "rotary_cos": host.rotary_cos,
+            "rotary_sin": host.rotary_sin,
+            "segment_ids": host.segment_ids,
+        }
+        image_embeds, deepstack = self.vision.run(None, feeds)
+        return image_embeds, deepstack
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(batch, capacity, self.manifest, self.decoder_dtype)
+
+    def decode(self, cache: KVCache, input_ids, visual_embeds, deepstack_embeds, position_ids, seqlens_k,
+               total_sequence_length, logits_index) -> np.ndarray:
+        """One decoder call (prefill or a decode step); returns float32 logits (B, vocab)."""
+        binding = self.decoder.io_binding()
+        feeds = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "visual_embeds": np.ascontiguousarray(visual_embeds, dtype=self.decoder_dtype),
+            "deepstack_embeds": np.ascontiguousarray(deepstack_embeds, dtype=self.decoder_dtype),
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+            "seqlens_k": np.ascontiguousarray(seqlens_k, dtype=np.int32),
+            "total_sequence_length": np.asarray([total_sequence_length], dtype=np.int32),
+            "logits_index": np.ascontiguousarray(logits_index, dtype=np.int64),
+        }
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("logits")  # first bound, so first in get_outputs()
+        for past, present, value in zip(self._past, self._present, cache.values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self.decoder.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()

@@ -1,0 +1,59 @@
+"""Choosing the next token from fp32 logits: greedy, or temperature / top-k / top-p sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import PromptError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise PromptError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PromptError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise PromptError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float32, copy=False)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def top_logprobs(logits: np.ndarray, k: int) -> list[list[dict]]:
+    """Per row, the k most likely tokens as {"token_id", "logprob"}, most likely first."""
+    logprobs = log_softmax(logits)
+    top = np.argsort(-logprobs, axis=-1, kind="stable")[:, :k]
+    return [[{"token_id": int(t), "logprob": float(row[t])} for t in ids] for row, ids in zip(logprobs, top)]
+
+
+def next_tokens(logits: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
+    """(B, vocab) logits -> (B,) token ids."""
+    if not config.do_sample:
+        return logits.argmax(axis=-1)
+    scaled = logits.astype(np.float64) / config.temperature
+    choices = []
+    for row in scaled:
+        order = np.argsort(-row, kind="stable")
+        if config.top_k:
+            order = order[: config.top_k]
+        probs = np.exp(row[order] - row[order[0]])
+        probs /= probs.sum()
+        if config.top_p < 1:
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            keep = int(np.searchsorted(np.cumsum(probs), config.top_p) + 1)
+            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        choices.append(order[rng.choice(len(order), p=probs)])
+    return np.asarray(choices, dtype=np.int64)
