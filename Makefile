@@ -6,12 +6,15 @@ QWEN3VL := $(VENV)/bin/qwen3vl
 # The default model that ships with the project: a synthetic checkpoint made on first use.
 DEMO_CHECKPOINT ?= checkpoints/demo-small
 MODEL ?= $(DEMO_CHECKPOINT)
+ENGINE ?= engines/$(notdir $(abspath $(MODEL)))
+PRECISION ?= fp32
+MAX_CONTEXT ?= 8192
 IMAGE ?= assets/sample.png
 PROMPT ?= Describe this image.
 # pip finds torch==2.13.0 (CPU build) in a local wheel folder where the machine has one.
 PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install demo test bench-test checkpoint clean
+.PHONY: install engine demo test bench-test checkpoint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +29,12 @@ $(DEMO_CHECKPOINT)/config.json: | $(VENV)/.installed
 
 checkpoint: $(DEMO_CHECKPOINT)/config.json
 
-# Until the export stage lands, the PyTorch model answers.
-demo: install checkpoint
-	$(QWEN3VL) run --checkpoint $(MODEL) --image $(IMAGE) --prompt "$(PROMPT)" --max-new-tokens 32
+# The build step: checkpoint folder (MODEL=, default the demo checkpoint) -> engine folder (ENGINE=).
+engine: install $(if $(filter $(MODEL),$(DEMO_CHECKPOINT)),checkpoint)
+	$(QWEN3VL) build --checkpoint $(MODEL) --out $(ENGINE) --precision $(PRECISION) --max-context $(MAX_CONTEXT)
+
+demo: engine
+	$(QWEN3VL) run --engine $(ENGINE) --image $(IMAGE) --prompt "$(PROMPT)" --max-new-tokens 32
 
 test: install
 	$(PY) -m pytest -q

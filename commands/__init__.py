@@ -7,9 +7,9 @@ import sys
 
 from runtime.errors import Qwen3VLError
 
-from . import build, run, synth
+from . import bench, build, run, synth
 
-SUBCOMMANDS = (synth, build, run)
+SUBCOMMANDS = (synth, build, run, bench)
 
 
 def main(argv: list[str] | None = None) -> int:

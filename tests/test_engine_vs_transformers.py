@@ -139,3 +139,14 @@ def test_stream_yields_the_same_text_as_generate(engines):
     pieces = list(pipe.stream("Describe this image.", images=[image], max_new_tokens=12))
     assert len(pieces) > 1
     assert "".join(pieces) == pipe.generate("Describe this image.", images=[image], max_new_tokens=12).text
+
+
+def test_fp16_engine_stays_close_to_fp32(tiny_checkpoints, engines, tmp_path):
+    pipe32, _ = engines["gqa2-tied"]
+    pipe16 = Pipeline.load(build_engine(tiny_checkpoints["gqa2-tied"], tmp_path / "fp16", precision="fp16"))
+    assert pipe16.manifest.precision == "fp16" and pipe16.backend.decoder_dtype == np.float16
+    image = [random_image(96, 96, 7)]
+    a = pipe32.generate("Describe this image.", images=image, max_new_tokens=1, logprobs=5)
+    b = pipe16.generate("Describe this image.", images=image, max_new_tokens=1, logprobs=5)
+    assert a.token_ids == b.token_ids
+    assert abs(a.logprobs[0][0]["logprob"] - b.logprobs[0][0]["logprob"]) < 0.05

@@ -1,0 +1,206 @@
+"""Child process of `qwen3vl bench`: measures one system and prints one JSON line on stdout.
+
+Each system runs in a process of its own so that its peak RSS is its own (and the engine's child
+never imports torch). Usage: python -m commands.bench_worker engine|transformers --engine/--checkpoint ...
+
+The last line of stdout is either {"runs": [...], ...} or {"error": ..., "type": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+import traceback
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (VmHWM), in MB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def bench_engine(args) -> dict:
+    import dataclasses
+
+    from runtime import Pipeline
+    from runtime.image_processing import preprocess_images
+
+    start = time.perf_counter()
+    pipe = Pipeline.load(args.engine, threads=args.threads)
+    load_ms = 1000 * (time.perf_counter() - start)
+    # Decode exactly N tokens, as transformers does with min_new_tokens=N: random (synthetic) weights
+    # may pick an end-of-turn token early, which would make decode tok/s meaningless.
+    pipe.manifest.model = dataclasses.replace(pipe.manifest.model, eos_token_ids=())
+    image_tokens = sum(preprocess_images([args.image], pipe.manifest.image_processor).tokens_per_image)
+
+    runs, result = [], None
+    for _ in range(args.runs + 1):  # the first is a warm-up, not counted
+        result = pipe.generate(args.prompt, images=[args.image], max_new_tokens=args.max_new_tokens, do_sample=False)
+        t = result.timings
+        runs.append({key: float(t[key]) for key in ("vision_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s")})
+    return {
+        "system": "engine",
+        "backend": pipe.backend.name,
+        "precision": pipe.manifest.precision,
+        "threads": args.threads,
+        "image_tokens": image_tokens,
+        "prompt_tokens": result.prompt_tokens,
+        "new_tokens": len(result.token_ids),
+        "token_ids": result.token_ids,
+        "load_ms": load_ms,
+        "runs": runs[1:],
+    }
+
+
+def bench_transformers(args) -> dict:
+    """transformers' Qwen3VLForConditionalGeneration, fp32 on the CPU, fed by the project's own
+    preprocessing and prompt building so that both systems see identical pixels and token ids.
+
+    Per run: vision_ms times model.model.get_image_features; prefill_ms times one forward over the
+    prompt with those image features passed in (mm_encoder_outputs), so it excludes the vision tower
+    as the engine's prefill does. ttft_ms and decode tokens/s come from a separate generate() call
+    (greedy, min_new_tokens = max_new_tokens) with a streamer that timestamps every token:
+    ttft = preprocessing + time from calling generate() to the first token (its own vision and
+    prefill included); decode tok/s = (N - 1) / (time between the first and the last token), the
+    same definition as the engine's.
+    """
+    from pathlib import Path
+
+    from model_src.config import load_config
+    from runtime.errors import Qwen3VLError
+    from runtime.image_processing import ImageProcessorSettings, preprocess_images
+    from runtime.prompt import PromptBuilder, user_message
+
+    folder = Path(args.checkpoint)
+    config = load_config(folder)  # the project's checks give clearer errors than from_pretrained's
+    try:
+        import torch
+        from transformers import Qwen3VLForConditionalGeneration
+        from transformers.generation.streamers import BaseStreamer
+    except ImportError as exc:
+        raise Qwen3VLError(f"the transformers benchmark needs torch and transformers ({exc}); "
+                           f"install them with pip install -e '.[test]'") from None
+
+    class TokenClock(BaseStreamer):
+        """Records when each generated token comes out of generate()."""
+
+        def __init__(self):
+            self.times, self.prompt_seen = [], False
+
+        def put(self, value):
+            if not self.prompt_seen:  # generate() first hands over the prompt itself
+                self.prompt_seen = True
+                return
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    torch.set_num_threads(args.threads)
+    preprocessor = folder / "preprocessor_config.json"
+    settings = ImageProcessorSettings.from_preprocessor_config(
+        json.loads(preprocessor.read_text()) if preprocessor.is_file() else {})
+    prompts = PromptBuilder.from_folder(folder, config.image_token_id)
+
+    start = time.perf_counter()
+    model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    load_ms = 1000 * (time.perf_counter() - start)
+
+    n = args.max_new_tokens
+    runs, generated, prompt_tokens, image_tokens = [], [], 0, 0
+    for _ in range(args.runs + 1):  # the first is a warm-up, not counted
+        with torch.inference_mode():
+            start = time.perf_counter()
+            processed = preprocess_images([args.image], settings)
+            ids = prompts.encode(user_message(args.prompt, 1), processed.tokens_per_image).input_ids
+            input_ids = torch.from_numpy(ids[None])
+            inputs = dict(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                image_grid_thw=torch.from_numpy(processed.image_grid_thw),
+                mm_token_type_ids=(input_ids == config.image_token_id).long(),
+            )
+            pixel_values = torch.from_numpy(processed.pixel_values)
+            preprocess_ms = 1000 * (time.perf_counter() - start)
+
+            start = time.perf_counter()
+            features = model.model.get_image_features(pixel_values, inputs["image_grid_thw"], return_dict=True)
+            vision_ms = 1000 * (time.perf_counter() - start)
+
+            start = time.perf_counter()
+            model(**inputs, mm_encoder_outputs={"image": features}, use_cache=True, logits_to_keep=1)
+            prefill_ms = 1000 * (time.perf_counter() - start)
+            del features
+
+            clock = TokenClock()
+            start = time.perf_counter()
+            out = model.generate(**inputs, pixel_values=pixel_values, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, streamer=clock)
+        decode_s = clock.times[-1] - clock.times[0]
+        runs.append({
+            "vision_ms": vision_ms,
+            "prefill_ms": prefill_ms,
+            "ttft_ms": preprocess_ms + 1000 * (clock.times[0] - start),
+            "decode_tokens_per_s": (len(clock.times) - 1) / decode_s if decode_s > 0 else 0.0,
+        })
+        generated = out[0, len(ids):].tolist()
+        prompt_tokens, image_tokens = len(ids), sum(processed.tokens_per_image)
+    return {
+        "system": "transformers",
+        "backend": f"pytorch-{torch.__version__.split('+')[0]}-cpu",
+        "precision": "fp32",
+        "threads": args.threads,
+        "image_tokens": image_tokens,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": len(generated),
+        "token_ids": generated,
+        "load_ms": load_ms,
+        "runs": runs[1:],
+    }
+
+
+SYSTEMS = {"engine": bench_engine, "transformers": bench_transformers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m commands.bench_worker")
+    parser.add_argument("system", choices=sorted(SYSTEMS))
+    parser.add_argument("--engine")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--runs", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    from runtime.errors import Qwen3VLError
+
+    try:
+        report = SYSTEMS[args.system](args)
+    except Qwen3VLError as exc:
+        report = {"error": str(exc), "type": type(exc).__name__}
+    except MemoryError:
+        report = {"error": "out of memory", "type": "MemoryError"}
+    except Exception as exc:  # a bug or a library failure: keep the traceback for the parent's stderr
+        traceback.print_exc()
+        report = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                  "type": "internal"}
+    if "error" not in report:
+        report["peak_rss_mb"] = peak_rss_mb()
+    sys.stdout.write("\n" + json.dumps(report) + "\n")
+    sys.stdout.flush()
+    return 1 if "error" in report else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
