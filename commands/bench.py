@@ -114,7 +114,8 @@ def _run_worker(system: str, worker_args: list[str]) -> dict:
         report = None
     if isinstance(report, dict) and "error" not in report and proc.returncode == 0:
         return report
-    if proc.stderr.strip():
+    known = isinstance(report, dict) and report.get("type") not in (None, "internal")
+    if not known and proc.stderr.strip():  # a crash or a bug: its traceback helps; a user error is one line
         sys.stderr.write(proc.stderr if proc.stderr.endswith("\n") else proc.stderr + "\n")
     if not isinstance(report, dict) or "error" not in report:
         if proc.returncode < 0:

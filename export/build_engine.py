@@ -160,6 +160,7 @@ def _model_facts(config, checkpoint_dir: Path) -> ModelFacts:
         vocab_size=t.vocab_size,
         num_deepstack=config.num_deepstack,
         vision_head_dim=v.head_dim,
+        vision_num_heads=v.num_heads,
         num_position_embeddings=v.num_position_embeddings,
         spatial_merge_size=v.spatial_merge_size,
         vision_rope_theta=v.rope_theta,

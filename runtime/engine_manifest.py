@@ -33,6 +33,7 @@ class ModelFacts:
     vocab_size: int
     num_deepstack: int
     vision_head_dim: int
+    vision_num_heads: int
     num_position_embeddings: int
     spatial_merge_size: int
     vision_rope_theta: float

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine_manifest import EngineError, Manifest
+from .errors import ImageError
 from .graph_io import past_names, present_names
 from .vision_positions import VisionInputs
 
@@ -60,6 +61,7 @@ class OrtBackend:
         self._past, self._present = past_names(layers), present_names(layers)
 
     def encode_images(self, pixel_values: np.ndarray, host: VisionInputs) -> tuple[np.ndarray, np.ndarray]:
+        check_vision_memory(len(pixel_values), self.manifest.model.vision_num_heads, self.vision_dtype)
         feeds = {
             "pixel_values": pixel_values.astype(self.vision_dtype, copy=False),
             "pos_indices": host.pos_indices,
@@ -95,3 +97,29 @@ class OrtBackend:
             binding.bind_ortvalue_output(present, value)
         self.decoder.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_vision_memory(patches: int, heads: int, dtype) -> None:
+    """Refuses, before running out of memory, a vision call whose attention would not fit.
+
+    This graph's vision attention is dense over all packed patches: scores and probabilities of
+    (heads, N, N) plus an (N, N) mask.
+    """
+    needed = (2 * heads + 1) * patches * patches * max(np.dtype(dtype).itemsize, 4)
+    free = available_memory_bytes()
+    if free is not None and needed > 0.8 * free:
+        raise ImageError(
+            f"the images make {patches} patches; the vision encoder would need about {needed / 2**30:.1f} GiB "
+            f"but {free / 2**30:.1f} GiB is free: use a smaller --max-pixels or fewer images"
+        )

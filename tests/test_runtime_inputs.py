@@ -158,3 +158,15 @@ def test_build_from_a_broken_checkpoint_leaves_nothing_behind(tmp_path):
     result = qwen3vl("build", "--checkpoint", checkpoint, "--out", tmp_path / "engine")
     assert_one_line_error(result, "model.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_images_too_large_for_memory_are_refused_before_running(engine, tmp_path):
+    """With the checkpoint's budget raised, a big photo would need more RAM than the machine has."""
+    roomy = shutil.copytree(engine, tmp_path / "roomy")  # a context long enough for 12 MP of visual tokens
+    manifest = json.loads((roomy / "manifest.json").read_text())
+    manifest["max_context"] = 32768
+    (roomy / "manifest.json").write_text(json.dumps(manifest))
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (4000, 3000), "white").save(path)
+    result = run_engine(roomy, "--image", path, "--max-pixels", 4000 * 3000)
+    assert_one_line_error(result, "--max-pixels", "GiB")
