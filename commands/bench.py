@@ -59,7 +59,8 @@ def run(args) -> int:
 
     # Both systems get the same explicit thread count, so neither wins by using more cores.
     threads = args.threads or physical_cores()
-    common = ["--image", str(Path(image).resolve()), "--prompt", args.prompt,
+    # "--opt=value" so that a prompt starting with "-" is not taken for an option by the child.
+    common = [f"--image={Path(image).resolve()}", f"--prompt={args.prompt}",
               "--max-new-tokens", str(args.max_new_tokens), "--threads", str(threads), "--runs", str(args.runs)]
     reports = [_run_worker("engine", ["--engine", str(Path(args.engine).resolve())] + common)]
     if args.checkpoint is not None:

@@ -75,13 +75,16 @@ def bench_transformers(args) -> dict:
     """
     from pathlib import Path
 
+    from model_src.checkpoint import weight_files
     from model_src.config import load_config
     from runtime.errors import Qwen3VLError
     from runtime.image_processing import ImageProcessorSettings, preprocess_images
     from runtime.prompt import PromptBuilder, user_message
 
     folder = Path(args.checkpoint)
-    config = load_config(folder)  # the project's checks give clearer errors than from_pretrained's
+    # The project's checks give clearer errors than from_pretrained's.
+    config = load_config(folder)
+    weight_files(folder)
     try:
         import torch
         from transformers import Qwen3VLForConditionalGeneration

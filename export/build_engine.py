@@ -96,6 +96,7 @@ def build_engine(
             generation_defaults=_generation_defaults(checkpoint_dir),
         )
         (staging / MANIFEST).write_text(manifest.to_json())
+        staging.chmod(0o755)  # mkdtemp made it private
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -201,6 +201,7 @@ def write_checkpoint(
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
         _write_side_files(staging, config, pixel_budget, tokenizer_dir)
+        staging.chmod(0o755)  # mkdtemp made it private
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
