@@ -21,25 +21,36 @@ class VisionStep(nn.Module):
         super().__init__()
         self.visual = model.visual
 
-    def forward(self, pixel_values, pos_indices, pos_weights, rotary_cos, rotary_sin, segment_ids):
-        return self.visual(pixel_values, pos_indices, pos_weights, rotary_cos, rotary_sin, segment_ids)
+    def forward(self, pixel_values, pos_indices, pos_weights, rotary_cos, rotary_sin, frame_patch_index,
+                frame_patch_mask, patch_frame_slot):
+        return self.visual(pixel_values, pos_indices, pos_weights, rotary_cos, rotary_sin, frame_patch_index,
+                           frame_patch_mask, patch_frame_slot)
 
 
 def export_vision(model: Qwen3VL, path: Path, dtype: torch.dtype) -> dict[str, str]:
     """Traces the vision encoder (stand-in weights) to `path`; returns graph input -> parameter name."""
     v = model.config.vision
     step = VisionStep(model).eval()
-    patches = 2 * v.spatial_merge_size**2 * 2  # two images of 2x2 merged blocks; N > 1 and not special
+    # Two frames of different lengths (8 and 4 patches) so no axis is specialised.
+    lengths = (2 * v.spatial_merge_size**2, v.spatial_merge_size**2)
+    patches, longest = sum(lengths), max(lengths)
+    mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    index = torch.where(mask, torch.arange(longest)[None, :] + torch.tensor([0, lengths[0]])[:, None], 0)
+    slot = torch.cat([torch.arange(lengths[0]), longest + torch.arange(lengths[1])])
     args = (
         torch.zeros(patches, v.patch_dim, dtype=dtype),
         torch.zeros(patches, 4, dtype=torch.int64),
         torch.full((patches, 4), 0.25, dtype=dtype),
         torch.ones(patches, v.head_dim, dtype=torch.float32),
         torch.zeros(patches, v.head_dim, dtype=torch.float32),
-        torch.arange(patches, dtype=torch.int64) // (patches // 2),
+        index,
+        mask,
+        slot,
     )
-    dynamic_axes = {name: {0: "patches"} for name in VISION_INPUTS}
-    dynamic_axes.update({"image_embeds": {0: "tokens"}, "deepstack_embeds": {1: "tokens"}})
+    dynamic_axes = {name: {0: "patches"} for name in VISION_INPUTS[:5] + ("patch_frame_slot",)}
+    dynamic_axes.update({"frame_patch_index": {0: "frames", 1: "frame_length"},
+                         "frame_patch_mask": {0: "frames", 1: "frame_length"},
+                         "image_embeds": {0: "tokens"}, "deepstack_embeds": {1: "tokens"}})
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(

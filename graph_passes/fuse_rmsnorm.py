@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx.external_data_helper import uses_external_data
 
 from .driver import export_graph, import_graph
 
@@ -185,6 +186,9 @@ def _scalar(tensor: gs.Tensor) -> float | None:
     constant = _constant(tensor)
     if constant is None or int(np.prod(constant.shape)) != 1:
         return None
+    proto = getattr(constant._values, "tensor", None)  # graphsurgeon's lazy value keeps the TensorProto
+    if proto is not None and uses_external_data(proto):
+        return None  # its bytes live in `folder`; the exporter writes pattern constants inline anyway
     return float(np.asarray(constant.values).reshape(()))
 
 

@@ -57,7 +57,9 @@ class Qwen3VL(nn.Module):
             torch.from_numpy(host.pos_weights),
             torch.from_numpy(host.rotary_cos),
             torch.from_numpy(host.rotary_sin),
-            torch.from_numpy(host.segment_ids),
+            torch.from_numpy(host.frame_patch_index),
+            torch.from_numpy(host.frame_patch_mask),
+            torch.from_numpy(host.patch_frame_slot),
         )
 
     def embed(self, input_ids: torch.Tensor, image_embeds=None, deepstack=None):

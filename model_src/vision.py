@@ -3,17 +3,28 @@
 Several images (or video frames) are packed into one sequence of patches. Everything that depends
 on the image sizes -- which rows of the learned position table to blend, the 2-D rotary angles and
 which patches belong to which image -- is computed on the host (`runtime.vision_positions`) and
-passed in as tensors, so the traced graph has no data-dependent control flow: attention is one
-masked attention over the packed sequence, kept block-diagonal by the segment ids.
+passed in as tensors, so the traced graph has no data-dependent control flow. Attention is
+block-diagonal: each frame's patches are gathered into a padded per-frame batch, so nothing is
+computed across images.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+
+
+class FrameLayout(NamedTuple):
+    """Block-diagonal attention layout (see runtime.vision_positions.frame_layout)."""
+
+    index: torch.Tensor  # (F, L) packed row of each slot
+    bias: torch.Tensor  # (F, 1, 1, L) additive: 0 for patches, -inf-like for padding slots
+    slot: torch.Tensor  # (N,) flat slot of each packed patch
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -29,17 +40,24 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # x: (N, hidden); cos/sin: (N, 1, head_dim); mask: (1, N, N) additive, 0 inside an image.
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: "FrameLayout") -> torch.Tensor:
+        # x: (N, hidden); cos/sin: (N, 1, head_dim)
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, heads, head_dim)
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, N, head_dim)
-        scores = torch.matmul(q, k.transpose(1, 2)) * self.head_dim**-0.5 + mask
+        # Block-diagonal: each frame's patches form one row of a padded batch; nothing across frames.
+        frames, longest = layout.index.shape
+        flat = layout.index.reshape(-1)
+
+        def per_frame(t: torch.Tensor) -> torch.Tensor:  # (N, heads, D) -> (F, heads, L, D)
+            return t.index_select(0, flat).view(frames, longest, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = per_frame(q), per_frame(k), per_frame(v)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.head_dim**-0.5 + layout.bias
         probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
-        out = torch.matmul(probs, v).transpose(0, 1).reshape(n, -1)
-        return self.proj(out)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(frames * longest, -1)
+        return self.proj(out.index_select(0, layout.slot))
 
 
 class VisionMLP(nn.Module):
@@ -60,8 +78,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: "FrameLayout") -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, layout)
         return x + self.mlp(self.norm2(x))
 
 
@@ -118,7 +136,9 @@ class VisionEncoder(nn.Module):
         pos_weights: torch.Tensor,  # (N, 4)
         rotary_cos: torch.Tensor,  # (N, head_dim)
         rotary_sin: torch.Tensor,  # (N, head_dim)
-        segment_ids: torch.Tensor,  # (N,) int64: which image/frame each patch belongs to
+        frame_patch_index: torch.Tensor,  # (F, L) int64: packed row of each slot of each frame
+        frame_patch_mask: torch.Tensor,  # (F, L) bool: slots that hold a patch
+        patch_frame_slot: torch.Tensor,  # (N,) int64: flat slot of each packed patch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns visual tokens (N/4, out_hidden) and deepstack features (num_deepstack, N/4, out_hidden)."""
         dtype = self.patch_embed.proj.weight.dtype
@@ -127,12 +147,12 @@ class VisionEncoder(nn.Module):
 
         cos = rotary_cos.float()[:, None, :]
         sin = rotary_sin.float()[:, None, :]
-        same_image = segment_ids[:, None] == segment_ids[None, :]
-        mask = torch.where(same_image, 0.0, torch.finfo(dtype).min).to(dtype)[None]
+        bias = torch.where(frame_patch_mask, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+        layout = FrameLayout(frame_patch_index, bias, patch_frame_slot)
 
         deepstack = []
         for index, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask)
+            x = block(x, cos, sin, layout)
             if index in self.config.deepstack_visual_indexes:
                 merger = self.deepstack_merger_list[self.config.deepstack_visual_indexes.index(index)]
                 deepstack.append(merger(x))

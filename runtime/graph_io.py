@@ -2,7 +2,9 @@
 
 Vision encoder (N = patches of all images, packed; n = N / merge**2 visual tokens):
   pixel_values (N, C*T*P*P) float, pos_indices (N, 4) int64, pos_weights (N, 4) float,
-  rotary_cos / rotary_sin (N, head_dim) float, segment_ids (N,) int64
+  rotary_cos / rotary_sin (N, head_dim) float, frame_patch_index (F, L) int64,
+  frame_patch_mask (F, L) bool, patch_frame_slot (N,) int64 (the block-diagonal layout, F frames of
+  at most L patches)
   -> image_embeds (n, hidden), deepstack_embeds (num_deepstack, n, hidden)
 
 Text decoder, one graph for prefill and decode (rows right-padded; KV buffers (B, kv_heads, M, D)):
@@ -13,7 +15,8 @@ Text decoder, one graph for prefill and decode (rows right-padded; KV buffers (B
   -> logits (B, vocab) float32, present_key.i / present_value.i (the same buffers, updated)
 """
 
-VISION_INPUTS = ("pixel_values", "pos_indices", "pos_weights", "rotary_cos", "rotary_sin", "segment_ids")
+VISION_INPUTS = ("pixel_values", "pos_indices", "pos_weights", "rotary_cos", "rotary_sin", "frame_patch_index",
+                 "frame_patch_mask", "patch_frame_slot")
 VISION_OUTPUTS = ("image_embeds", "deepstack_embeds")
 
 DECODER_INPUTS = ("input_ids", "visual_embeds", "deepstack_embeds", "position_ids", "seqlens_k",

@@ -61,14 +61,16 @@ class OrtBackend:
         self._past, self._present = past_names(layers), present_names(layers)
 
     def encode_images(self, pixel_values: np.ndarray, host: VisionInputs) -> tuple[np.ndarray, np.ndarray]:
-        check_vision_memory(len(pixel_values), self.manifest.model.vision_num_heads, self.vision_dtype)
+        check_vision_memory(host.frame_patch_index.shape, self.manifest.model.vision_num_heads, self.vision_dtype)
         feeds = {
             "pixel_values": pixel_values.astype(self.vision_dtype, copy=False),
             "pos_indices": host.pos_indices,
             "pos_weights": host.pos_weights.astype(self.vision_dtype, copy=False),
             "rotary_cos": host.rotary_cos,
             "rotary_sin": host.rotary_sin,
-            "segment_ids": host.segment_ids,
+            "frame_patch_index": host.frame_patch_index,
+            "frame_patch_mask": host.frame_patch_mask,
+            "patch_frame_slot": host.patch_frame_slot,
         }
         image_embeds, deepstack = self.vision.run(None, feeds)
         return image_embeds, deepstack
@@ -110,16 +112,17 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def check_vision_memory(patches: int, heads: int, dtype) -> None:
+def check_vision_memory(layout: tuple[int, int], heads: int, dtype) -> None:
     """Refuses, before running out of memory, a vision call whose attention would not fit.
 
-    This graph's vision attention is dense over all packed patches: scores and probabilities of
-    (heads, N, N) plus an (N, N) mask.
+    Attention is per frame over a padded (frames, longest frame) batch: scores and probabilities of
+    (frames, heads, L, L).
     """
-    needed = (2 * heads + 1) * patches * patches * max(np.dtype(dtype).itemsize, 4)
+    frames, longest = layout
+    needed = 2 * heads * frames * longest * longest * max(np.dtype(dtype).itemsize, 4)
     free = available_memory_bytes()
     if free is not None and needed > 0.8 * free:
         raise ImageError(
-            f"the images make {patches} patches; the vision encoder would need about {needed / 2**30:.1f} GiB "
+            f"the images make {frames} frame(s) of up to {longest} patches; the vision encoder would need about {needed / 2**30:.1f} GiB "
             f"but {free / 2**30:.1f} GiB is free: use a smaller --max-pixels or fewer images"
         )

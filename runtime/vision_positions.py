@@ -6,7 +6,10 @@ derivation is data-dependent (ragged per-image loops) and exports badly:
 * ``pos_indices`` / ``pos_weights``: 4 bilinear taps (align_corners=True) into the learned square
   position-embedding table, resampled to each image's patch grid;
 * ``rotary_cos`` / ``rotary_sin``: 2-D axial rotary tables (row frequencies, column frequencies, twice);
-* ``segment_ids``: which frame each patch belongs to (attention stays within a frame).
+* ``frame_patch_index`` / ``frame_patch_mask`` / ``patch_frame_slot``: the block-diagonal attention
+  layout. Each frame's patches are gathered into one row of a padded (frames, longest frame) batch,
+  attention runs per row with padding masked, and results are scattered back: nothing is computed
+  across frames.
 
 All per-patch rows are in spatial-merge-block order, the order of ``pixel_values`` rows. Float maths
 follows the same float32 steps as transformers' ``vision_utils`` and ``Qwen3VLVisionRotaryEmbedding``.
@@ -25,7 +28,9 @@ class VisionInputs:
     pos_weights: np.ndarray  # (N, 4) float32 bilinear weights of those rows
     rotary_cos: np.ndarray  # (N, head_dim) float32
     rotary_sin: np.ndarray  # (N, head_dim) float32
-    segment_ids: np.ndarray  # (N,) int64, one id per image frame: 0, 1, 2, ...
+    frame_patch_index: np.ndarray  # (F, L) int64: packed row of each slot of each frame (padding: 0)
+    frame_patch_mask: np.ndarray  # (F, L) bool: which slots hold a patch
+    patch_frame_slot: np.ndarray  # (N,) int64: flat slot (frame * L + position) of each packed patch
 
 
 def _patch_rows_cols(grids: np.ndarray, merge: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -104,12 +109,27 @@ def vision_inputs(
     rotary_cos = np.concatenate([half_cos, half_cos], axis=1)
     rotary_sin = np.concatenate([half_sin, half_sin], axis=1)
 
-    frames = int(grids[:, 0].sum())
-    segment_ids = np.repeat(np.arange(frames, dtype=np.int64), np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0]))
+    frame_index, frame_mask, patch_slot = frame_layout(grids)
     return VisionInputs(
         pos_indices=pos_indices.astype(np.int64),
         pos_weights=pos_weights.astype(np.float32),
         rotary_cos=rotary_cos,
         rotary_sin=rotary_sin,
-        segment_ids=segment_ids,
+        frame_patch_index=frame_index,
+        frame_patch_mask=frame_mask,
+        patch_frame_slot=patch_slot,
     )
+
+
+def frame_layout(image_grid_thw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block-diagonal attention layout: one block per image frame (a still image is one frame)."""
+    grids = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+    lengths = np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0])  # patches per frame
+    frames, longest = len(lengths), int(lengths.max())
+    starts = np.cumsum(lengths) - lengths
+    position = np.arange(longest, dtype=np.int64)
+    mask = position[None, :] < lengths[:, None]
+    index = np.where(mask, starts[:, None] + position[None, :], 0)
+    frame_of_patch = np.repeat(np.arange(frames, dtype=np.int64), lengths)
+    slot = frame_of_patch * longest + (np.arange(int(lengths.sum()), dtype=np.int64) - starts[frame_of_patch])
+    return index.astype(np.int64), mask, slot

@@ -21,10 +21,12 @@ CONFIG = PRESETS["tiny"][0]
 TEXT = CONFIG["text_config"]
 LAYERS = TEXT["num_hidden_layers"]
 NORM_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
-# Max |logit| difference, fused vs unfused. fp16: the fused node rounds once to float16 where the
-# exported graph rounds the normed value and the product with the weight separately, and the skip
-# variant normalises the float32 sum rather than the float16-rounded one.
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+# Max |difference| fused vs unfused, (logits, present keys/values). Measured: fp32 9e-6 / 3e-6;
+# fp16 2.1e-2 / 4.9e-3, with logits up to 17 (float16 spacing 1.6e-2 there). The gap is float16
+# storage, not the fused maths: ORT CPU has no float16 Mul/MatMul, so it runs the unfused graph's
+# norm tail and the projections after it in float32 and skips the float16 rounding that the
+# fused node (float16 in and out, correctly rounded) keeps, as a GPU would.
+TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (5e-2, 1e-2)}
 
 
 @pytest.fixture(scope="module")
@@ -114,17 +116,21 @@ def test_second_run_changes_nothing(fused, engines, precision):
 
 
 @pytest.mark.parametrize("precision", list(TOLERANCE))
-def test_fused_logits_and_keys_match_unfused(fused, precision):
+def test_fused_logits_and_kv_match_unfused(fused, precision):
     unfused, path, _ = fused[precision]
     reference, result = prefill(unfused, precision, optimize=False), prefill(path, precision, optimize=True)
     assert reference.keys() == result.keys()
-    tolerance = TOLERANCE[precision]
-    logits_diff = np.abs(result["logits"] - reference["logits"]).max()
-    assert logits_diff <= tolerance, logits_diff
-    for layer in range(LAYERS):
-        name = f"present_key.{layer}"
-        diff = np.abs(result[name].astype(np.float32) - reference[name].astype(np.float32)).max()
-        assert diff <= tolerance, (name, diff)
+    logits_tolerance, kv_tolerance = TOLERANCE[precision]
+    for name, expected in reference.items():
+        diff = np.abs(result[name].astype(np.float32) - expected.astype(np.float32)).max()
+        assert diff <= (logits_tolerance if name == "logits" else kv_tolerance), (name, diff)
+
+
+def test_fused_fp16_logits_stay_close_to_fp32(fused):
+    """The fused float16 graph is still the model: within float16 noise of the float32 engine."""
+    fp32 = prefill(fused["fp32"][0], "fp32", optimize=False)["logits"]
+    fp16 = prefill(fused["fp16"][1], "fp16", optimize=True)["logits"]
+    assert np.abs(fp16 - fp32).max() <= TOLERANCE["fp16"][0]
 
 
 def test_vision_graph_has_no_rmsnorm_and_is_left_alone(engines, tmp_path):
@@ -133,6 +139,54 @@ def test_vision_graph_has_no_rmsnorm_and_is_left_alone(engines, tmp_path):
     before = sha256(tmp_path / "vision.onnx")
     assert run_passes(tmp_path / "vision.onnx", [fuse_rmsnorm]) == []
     assert sha256(tmp_path / "vision.onnx") == before
+
+
+def handmade_norm_model(weight_first: bool) -> onnx.ModelProto:
+    """r = a + b; out = r + RMSNorm(r), the norm written node for node as the exporter writes it
+    (float32 build: its leading Cast is a copy that the residual add also reads)."""
+    h, FLOAT = onnx.helper, onnx.TensorProto.FLOAT
+    scalar = lambda name, value: h.make_node("Constant", [], [name], value=h.make_tensor(name, FLOAT, [], [value]))
+    nodes = [
+        h.make_node("Add", ["a", "b"], ["r"]),
+        h.make_node("Cast", ["r"], ["r32"], to=FLOAT),
+        scalar("two", 2.0), scalar("one", 1.0),
+        h.make_node("Pow", ["r32", "two"], ["squares"]),
+        h.make_node("ReduceMean", ["squares"], ["mean"], axes=[-1], keepdims=1),
+        h.make_node("Add", ["mean", "eps"], ["var"]),
+        h.make_node("Sqrt", ["var"], ["rms"]),
+        h.make_node("Div", ["one", "rms"], ["inv"]),
+        h.make_node("Mul", ["r32", "inv"], ["normed"]),
+        h.make_node("Cast", ["normed"], ["normed_t"], to=FLOAT),
+        h.make_node("Mul", ["weight", "normed_t"] if weight_first else ["normed_t", "weight"], ["y"]),
+        h.make_node("Add", ["r32", "y"], ["out"]),
+    ]
+    shape = [2, 3, 8]
+    graph = h.make_graph(
+        nodes, "norm", [h.make_tensor_value_info(n, FLOAT, shape) for n in "ab"],
+        [h.make_tensor_value_info("out", FLOAT, shape)],
+        initializer=[onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, 8, dtype=np.float32), "weight"),
+                     onnx.numpy_helper.from_array(np.array(1e-5, np.float32), "eps")],
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("weight_first", [True, False])
+def test_handmade_norm_with_residual_becomes_one_skip_node(tmp_path, weight_first):
+    path = tmp_path / "norm.onnx"
+    onnx.save(handmade_norm_model(weight_first), path)
+    rng = np.random.default_rng(1)
+    feeds = {name: rng.standard_normal((2, 3, 8)).astype(np.float32) for name in "ab"}
+    run = lambda: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    expected = run()
+    assert run_passes(path, [fuse_rmsnorm]) == ["fuse_rmsnorm"]
+    nodes = onnx.load(str(path)).graph.node
+    assert [n.op_type for n in nodes] == ["SkipSimplifiedLayerNormalization", "Add"]
+    skip = nodes[0]
+    assert (skip.domain, list(skip.input), list(skip.output)) == ("com.microsoft", ["a", "b", "weight"],
+                                                                  ["y", "", "", "r"])
+    assert onnx.helper.get_attribute_value(skip.attribute[0]) == pytest.approx(1e-5)
+    np.testing.assert_allclose(run(), expected, atol=1e-5)
+    assert run_passes(path, [fuse_rmsnorm]) == []
 
 
 def test_append_external_data_writes_aligned_tensors_that_load_back(tmp_path):

@@ -45,12 +45,12 @@ def test_matches_transformers(grids, hidden, heads):
     assert ours.pos_indices.shape == (n, 4) and ours.pos_indices.dtype == np.int64
     assert ours.pos_weights.shape == (n, 4) and ours.pos_weights.dtype == np.float32
     assert ours.rotary_cos.shape == (n, hidden // heads) and ours.rotary_cos.dtype == np.float32
-    assert ours.rotary_sin.dtype == np.float32 and ours.segment_ids.dtype == np.int64
+    assert ours.rotary_sin.dtype == np.float32 and ours.patch_frame_slot.dtype == np.int64
     np.testing.assert_array_equal(ours.pos_indices, indices)
     np.testing.assert_allclose(ours.pos_weights, weights, rtol=0, atol=1e-6)
     np.testing.assert_allclose(ours.rotary_cos, cos, rtol=0, atol=1e-6)
     np.testing.assert_allclose(ours.rotary_sin, sin, rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(ours.segment_ids, segments)
+    np.testing.assert_array_equal(frame_of_each_patch(ours), segments)
 
 
 def test_other_table_and_merge_size():
@@ -61,10 +61,24 @@ def test_other_table_and_merge_size():
     np.testing.assert_allclose(ours.pos_weights, weights, rtol=0, atol=1e-6)
 
 
-def test_weights_sum_to_one_and_segments_are_per_frame():
+def frame_of_each_patch(ours) -> np.ndarray:
+    """Reads the block-diagonal layout back into one frame id per packed patch, checking it is consistent."""
+    frames, longest = ours.frame_patch_index.shape
+    frame, position = np.divmod(ours.patch_frame_slot, longest)
+    n = len(ours.patch_frame_slot)
+    # Every patch sits in exactly one valid slot, and that slot points back at it.
+    np.testing.assert_array_equal(ours.frame_patch_index[frame, position], np.arange(n))
+    assert ours.frame_patch_mask[frame, position].all()
+    assert ours.frame_patch_mask.sum() == n and len(set(ours.patch_frame_slot.tolist())) == n
+    return frame
+
+
+def test_weights_sum_to_one_and_attention_blocks_are_per_frame():
     ours = vision_inputs(np.array([[2, 4, 4], [1, 6, 2]]), 2304, 2, 64)
     np.testing.assert_allclose(ours.pos_weights.sum(axis=1), 1.0, atol=1e-6)
-    assert ours.segment_ids.tolist() == [0] * 16 + [1] * 16 + [2] * 12
+    assert frame_of_each_patch(ours).tolist() == [0] * 16 + [1] * 16 + [2] * 12
+    assert ours.frame_patch_index.shape == (3, 16)
+    assert ours.frame_patch_mask.sum(axis=1).tolist() == [16, 16, 12]
 
 
 def test_rejects_bad_grids():
