@@ -11,7 +11,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
     parser.add_argument("--out", required=True, help="engine folder to create (replaced if it is an engine)")
     parser.add_argument("--backend", choices=("ort",), default="ort")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
+                        help="int8/int4: weight-only quantized decoder (and INT8 vision) with fp32 activations")
+    parser.add_argument("--block-size", type=int, choices=(32, 64, 128), default=64,
+                        help="quantization block size along the input dimension (int8/int4)")
+    parser.add_argument("--asymmetric", action="store_true", help="quantize with zero points (int8/int4)")
     parser.add_argument("--max-context", type=int, default=8192,
                         help="longest prompt + answer in tokens (default 8192: a laptop's budget)")
     parser.set_defaults(handler=run)
@@ -26,6 +30,7 @@ def run(args) -> int:
         print(f"build [{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
 
     out = build_engine(args.checkpoint, args.out, backend=args.backend, precision=args.precision,
-                       max_context=args.max_context, progress=progress)
+                       max_context=args.max_context, progress=progress, block_size=args.block_size,
+                       symmetric=not args.asymmetric)
     progress(f"engine written to {out}")
     return 0

@@ -29,11 +29,17 @@ from runtime.errors import CheckpointError, Qwen3VLError
 from runtime.image_processing import ImageProcessorSettings
 from runtime.prompt import load_chat_template
 
+from graph_passes.driver import save_atomically
+from graph_passes.fuse_rmsnorm import fuse_rmsnorm
+from graph_passes.quantize_weights import compact_external_data, external_data_files, quantize_weights
+
 from .decoder_graph import export_decoder
 from .stand_in_weights import attach_weights, use_stand_in_parameters
 from .vision_graph import export_vision
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+# Graph dtype of each precision; int8/int4 keep fp32 activations with weight-only quantized linears.
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
+BLOCK_SIZES = (32, 64, 128)
 BACKENDS = ("ort",)
 VERSIONED_PACKAGES = ("qwen3vl-pascal", "torch", "onnx", "onnxruntime", "tokenizers", "numpy", "pillow")
 
@@ -45,8 +51,13 @@ def build_engine(
     precision: str = "fp32",
     max_context: int = 8192,
     progress: Callable[[str], None] = lambda message: None,
+    block_size: int = 64,
+    symmetric: bool = True,
+    accuracy_level: int = 4,
 ) -> Path:
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
+    if block_size not in BLOCK_SIZES:
+        raise Qwen3VLError(f"unsupported block size {block_size} (choose from {', '.join(map(str, BLOCK_SIZES))})")
     if backend not in BACKENDS:
         raise Qwen3VLError(f"unsupported backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if precision not in PRECISIONS:
@@ -66,8 +77,11 @@ def build_engine(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building.", dir=out.parent))
     try:
+        applied = []
         for part, export in (("vision", export_vision), ("decoder", export_decoder)):
             _export_part(part, export, config, checkpoint_dir, staging, dtype, progress)
+            passes = graph_passes_for(part, precision, block_size, symmetric, accuracy_level)
+            applied += [f"{part}:{name}" for name in _apply_passes(part, staging, passes, progress)]
         files = {
             "vision": "vision.onnx",
             "decoder": "decoder.onnx",
@@ -92,7 +106,7 @@ def build_engine(
             hashes={name: sha256_file(staging / name) for name in names},
             sizes={name: (staging / name).stat().st_size for name in names},
             versions=_versions(),
-            graph_passes=["fused_attention:GroupQueryAttention"],
+            graph_passes=["decoder:fused_attention:GroupQueryAttention", *applied],
             generation_defaults=_generation_defaults(checkpoint_dir),
         )
         (staging / MANIFEST).write_text(manifest.to_json())
@@ -133,6 +147,36 @@ def _export_part(part, export, config, checkpoint_dir, staging, dtype, progress)
     except onnx.checker.ValidationError as exc:
         raise Qwen3VLError(f"{part} graph failed the ONNX checker: {str(exc).splitlines()[0]}") from None
     progress(f"{part}: done in {time.perf_counter() - start:.1f} s")
+
+
+def graph_passes_for(part: str, precision: str, block_size: int, symmetric: bool, accuracy_level: int) -> list:
+    """The ONNX Runtime target's passes for one graph (the decoder's attention is fused at export)."""
+    passes = [fuse_rmsnorm] if part == "decoder" else []
+    if precision in ("int8", "int4"):
+        # Decoder linears and the tied embedding at the chosen width; the vision encoder at INT8.
+        bits = 4 if precision == "int4" and part == "decoder" else 8
+        passes.append(quantize_weights(bits=bits, block_size=block_size, symmetric=symmetric,
+                                       accuracy_level=accuracy_level, include_embedding=part == "decoder"))
+    return passes
+
+
+def _apply_passes(part: str, staging: Path, passes: list, progress) -> list[str]:
+    if not passes:
+        return []
+    path = staging / f"{part}.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    changed = []
+    for graph_pass in passes:
+        start = time.perf_counter()
+        if graph_pass(model, staging):
+            changed.append(graph_pass.name)
+            progress(f"{part}: {graph_pass.name} in {time.perf_counter() - start:.1f} s")
+    if changed:
+        if external_data_files(model) != {f"{part}.onnx.data"}:
+            # Quantization wrote a new file and left the replaced float weights in the old one.
+            compact_external_data(model, staging, data_name=f"{part}.onnx.data")
+        save_atomically(model, path)
+    return changed
 
 
 def _check_weights(checkpoint_dir: Path, config) -> None:
