@@ -13,7 +13,8 @@ An embedding table (vocab, hidden) is already N rows of K values, so the same by
 (vocab, k_blocks * blob) are GatherBlockQuantized's uint8 `data` (gather_axis 0, quantize_axis 1).
 
 Large tensors are streamed: each weight is memory-mapped from its external data file, quantized in
-row chunks and appended to a new data file, so peak memory stays near one chunk, not one model.
+row chunks and appended to a new data file, so the pass holds one weight's mapped pages plus one
+chunk of temporaries (2 B decoder: ~1.6 GB peak RSS, 1.2 GB of it the mapped fp32 embedding).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ def quantize_blockwise(weight: np.ndarray, bits: int = 4, block_size: int = 64, 
     """Quantizes a (K, N) MatMul weight (or, with rows=True, an (N, K) table such as an embedding or
     a Gemm transB weight) along K; returns (packed, scales, zero_points) in MatMulNBits' layout.
 
-    Symmetric: scale = max|w| / (2**(bits-1) - 1), so q - 2**(bits-1) spans [-7, 7] (4 bit) and the
-    error is at most scale / 2; the one unused code (0) buys exact sign symmetry. Asymmetric: the
-    block's [min, max] widened to include 0 (so 0 is exact and the zero point is in range) over
-    2**bits - 1 steps.
+    Round to nearest, so every element is within scale / 2 of its value. Symmetric: scale =
+    max|w| / (2**(bits-1) - 1), so q - 2**(bits-1) spans [-7, 7] (4 bit); the one unused code (0)
+    buys exact sign symmetry. Asymmetric: the block's [min, max] widened to include 0 (so 0 is
+    exact and the zero point is in range) over 2**bits - 1 steps.
     """
     _check_format(bits, block_size)
     w = np.asarray(weight)
@@ -129,3 +130,402 @@ def _unpack(data: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+# -- the pass --------------------------------------------------------------------------------------
+
+def quantize_weights(bits: int = 4, block_size: int = 64, symmetric: bool = True, accuracy_level: int = 0,
+                     include_embedding: bool = True) -> "QuantizeWeights":
+    """The pass: MatMul/Gemm over a 2-D float weight initializer -> MatMulNBits and, with
+    include_embedding, Gather over one -> GatherBlockQuantized (see QuantizeWeights). Without
+    include_embedding a table keeps all its uses in float, the lm_head tied to it included; an
+    untied lm_head is an ordinary linear layer either way.
+
+    accuracy_level 0 computes exactly on the dequantized weights but is ORT CPU's slow path (2 B
+    decode step on 2 cores: int4 ~2x and int8 ~20x slower than fp32); 4 quantizes activations to
+    int8 per block, the fast path (int4 0.7x, int8 0.4x of the fp32 step time)."""
+    return QuantizeWeights(bits, block_size, symmetric, accuracy_level, include_embedding)
+
+
+class QuantizeWeights:
+    """Rewrites, in place:
+      MatMul(x, W (K, N))                -> MatMulNBits(x, W.quant, W.scales[, W.zero_points])
+      Gemm(x, W (N, K), bias, transB=1)  -> MatMulNBits(x, ..., bias); an all-zero Constant bias is dropped
+      Gather(E (V, H), ids)              -> GatherBlockQuantized(E.quant_table, ids, E.scales[, E.zero_points])
+    Other nodes, and weights of other shapes or types, are left as they are.
+
+    A tied embedding (one table read by the Gather and by the lm_head Gemm) is quantized once.
+    MatMulNBits checks at load that B is exactly (N, k_blocks, blob), while GatherBlockQuantized
+    wants the table as (V, k_blocks * blob); so `E.quant` and `E.quant_table` are two initializers
+    whose external data entries point at the same bytes, stored once in the file. Scales and zero
+    points have the same shape for both ops and are shared as they are. (A Reshape node instead
+    would be constant-folded into a second copy at load; a rank-3 Gather on E.quant works but
+    needs rank-3 scales, i.e. a copy of those.) When the hidden size is not a multiple of
+    block_size the table rows keep the last block's padding and a Slice trims the gathered rows.
+    """
+
+    def __init__(self, bits: int, block_size: int, symmetric: bool, accuracy_level: int, include_embedding: bool):
+        _check_format(bits, block_size)
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level must be 0-4, got {accuracy_level}")
+        self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
+        self.accuracy_level, self.include_embedding = accuracy_level, include_embedding
+        self.name = f"quantize_weights:int{bits}:b{block_size}:{'sym' if symmetric else 'asym'}"
+
+    def __call__(self, model: onnx.ModelProto, folder: Path) -> bool:
+        folder = Path(folder)
+        graph = model.graph
+        initializers = {t.name: t for t in graph.initializer}
+        constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and len(n.output) == 1}
+        uses = self._find_uses(graph, initializers, constants)
+        if not uses:
+            return False
+
+        taken = _all_names(graph)
+        location = _fresh_data_name(model, folder, initializers[next(iter(uses))], self.bits)
+        path = folder / location
+        replacements: dict[str, list[onnx.NodeProto]] = {}  # by first output
+        added: list[TensorProto] = []
+        try:
+            with open(path, "wb") as out:
+                for name, node_uses in uses.items():
+                    source = _read_tensor(initializers[name], folder)
+                    for layout in dict.fromkeys(u.layout for u in node_uses):
+                        stored = self._store(source, name, layout, out, location, taken)
+                        for use in node_uses:
+                            if use.layout == layout:
+                                replacements[use.node.output[0]] = self._rewrite(use, stored, taken, added)
+                    del source  # closes the memory map before the next weight
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+
+        nodes = [new for node in graph.node for new in replacements.get(node.output[0], [node])]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(added)
+        dropped_biases = {u.bias for node_uses in uses.values() for u in node_uses if u.drop_bias}
+        _drop_unused(graph, set(uses) | dropped_biases)
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        return True
+
+    def _find_uses(self, graph, initializers, constants) -> dict[str, list["_Use"]]:
+        """Weight name -> the nodes to rewrite that read it."""
+        weights = {name for name, t in initializers.items() if _is_float_matrix(t)}
+        uses: dict[str, list[_Use]] = {}
+        for node in graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "MatMul" and node.input[1] in weights and node.input[0] not in initializers:
+                weight, use = node.input[1], _Use(node, "kn")
+            elif node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in weights:
+                weight, use = node.input[1], _gemm_use(node, initializers, constants)
+            elif node.op_type == "Gather" and node.input[0] in weights and _attr(node, "axis", 0) == 0:
+                weight, use = node.input[0], _Use(node, "nk", gather=True)
+            else:
+                continue
+            if use is not None:
+                uses.setdefault(weight, []).append(use)
+        if not self.include_embedding:  # tables stay float, with the lm_head tied to them
+            uses = {name: us for name, us in uses.items() if not any(u.gather for u in us)}
+        return uses
+
+    def _store(self, source: np.ndarray, name: str, layout: str, out, location: str, taken: set[str]) -> "_Stored":
+        """Quantizes one weight into `out`; returns the tensors that describe it (not yet in the graph)."""
+        rows = layout == "nk"
+        k = source.shape[1] if rows else source.shape[0]
+        # A block longer than K holds K values and padding: a shorter block quantizes identically
+        # and stores no padding.
+        block_size = min(self.block_size, max(16, 1 << (k - 1).bit_length()))
+        packed, scales, zero_points = quantize_blockwise(source, self.bits, block_size, self.symmetric,
+                                                         rows=rows, scale_dtype=source.dtype)
+        n, k_blocks, blob = packed.shape
+        stored = _Stored(k=k, n=n, block_size=block_size)
+        offset = _append(out, packed)
+        stored.quant = _external(_unique(f"{name}.quant", taken), packed.shape, TensorProto.UINT8, location,
+                                 offset, packed.nbytes)
+        stored.table = _external(_unique(f"{name}.quant_table", taken), (n, k_blocks * blob), TensorProto.UINT8,
+                                 location, offset, packed.nbytes)  # the same bytes, as GatherBlockQuantized's table
+        stored.scales = _external(_unique(f"{name}.scales", taken), scales.shape, _tensor_type(scales.dtype),
+                                  location, _append(out, scales), scales.nbytes)
+        if zero_points is not None:
+            stored.zero_points = _external(_unique(f"{name}.zero_points", taken), zero_points.shape,
+                                           TensorProto.UINT8, location, _append(out, zero_points), zero_points.nbytes)
+        return stored
+
+    def _rewrite(self, use: "_Use", stored: "_Stored", taken: set[str],
+                 added: list[TensorProto]) -> list[onnx.NodeProto]:
+        """The nodes replacing use.node; appends to `added` the initializers they need first."""
+        node = use.node
+        zero_points = stored.need(stored.zero_points, added) if stored.zero_points else ""
+        scales = stored.need(stored.scales, added)
+        if not use.gather:
+            inputs = [node.input[0], stored.need(stored.quant, added), scales, zero_points]
+            if use.bias and not use.drop_bias:
+                inputs += ["", use.bias]  # the empty slot is the deprecated g_idx
+            while inputs[-1] == "":
+                inputs.pop()
+            return [helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name, domain=MS_DOMAIN,
+                                     K=stored.k, N=stored.n, bits=self.bits, block_size=stored.block_size,
+                                     accuracy_level=self.accuracy_level)]
+
+        inputs = [stored.need(stored.table, added), node.input[1], scales] + ([zero_points] if zero_points else [])
+        padded = stored.k % stored.block_size != 0
+        output = _unique(f"{node.output[0]}_padded", taken) if padded else node.output[0]
+        gather = helper.make_node("GatherBlockQuantized", inputs, [output], name=node.name, domain=MS_DOMAIN,
+                                  bits=self.bits, block_size=stored.block_size, gather_axis=0, quantize_axis=1)
+        if not padded:
+            return [gather]
+        prefix = node.name or node.output[0]
+        bounds = []
+        for suffix, value in (("trim_starts", 0), ("trim_ends", stored.k), ("trim_axes", -1)):
+            name = _unique(f"{prefix}_{suffix}", taken)
+            added.append(numpy_helper.from_array(np.array([value], dtype=np.int64), name))
+            bounds.append(name)
+        return [gather, helper.make_node("Slice", [output, *bounds], [node.output[0]],
+                                         name=_unique(f"{prefix}_trim", taken))]
+
+
+class _Use:
+    """A node to rewrite and how it reads its weight: "kn" (MatMul's B, (K, N)) or "nk" (rows: a
+    Gemm transB weight or a Gather table, (N, K))."""
+
+    def __init__(self, node: onnx.NodeProto, layout: str, gather: bool = False, bias: str = "",
+                 drop_bias: bool = False):
+        self.node, self.layout, self.gather, self.bias, self.drop_bias = node, layout, gather, bias, drop_bias
+
+
+class _Stored:
+    """One quantized weight's tensors; each enters the graph when a rewritten node first needs it."""
+
+    def __init__(self, k: int, n: int, block_size: int):
+        self.k, self.n, self.block_size = k, n, block_size
+        self.quant = self.table = self.scales = self.zero_points = None
+        self._added: set[str] = set()
+
+    def need(self, tensor: TensorProto, added: list[TensorProto]) -> str:
+        if tensor.name not in self._added:
+            self._added.add(tensor.name)
+            added.append(tensor)
+        return tensor.name
+
+
+def _gemm_use(node, initializers, constants) -> _Use | None:
+    """A Gemm is a linear layer when it computes x @ W (or W^T) + bias, bias absent, zero or (N,)."""
+    if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
+        return None
+    rows, cols = initializers[node.input[1]].dims
+    layout = "nk" if _attr(node, "transB", 0) else "kn"
+    out_features = rows if layout == "nk" else cols
+    bias = node.input[2] if len(node.input) > 2 else ""
+    if not bias:
+        return _Use(node, layout)
+    if bias in constants:
+        value = _attr(constants[bias], "value", None)
+        if value is None:
+            return None
+        value = numpy_helper.to_array(value)
+        if not value.any():
+            return _Use(node, layout, bias=bias, drop_bias=True)
+        shape = value.shape
+    elif bias in initializers:
+        shape = tuple(initializers[bias].dims)
+    else:
+        return None  # a computed bias: its shape is not known here
+    if _attr(node, "beta", 1.0) != 1.0 or tuple(shape) != (out_features,):
+        return None
+    return _Use(node, layout, bias=bias)
+
+
+def _is_float_matrix(tensor: TensorProto) -> bool:
+    return (len(tensor.dims) == 2 and min(tensor.dims) > 0
+            and tensor.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16))
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names = {t.name for t in graph.initializer}
+    names |= {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+    for node in graph.node:
+        names |= {*node.input, *node.output, node.name}
+    return names
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, index = name, 1
+    while candidate in taken:
+        candidate, index = f"{name}.{index}", index + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
+    """Removes the initializers and Constant nodes named in `candidates` that nothing reads any more."""
+    used = {o.name for o in graph.output}
+    for node in _walk_nodes(graph):
+        used.update(node.input)
+    gone = candidates - used
+    kept = [t for t in graph.initializer if t.name not in gone]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    kept_inputs = [i for i in graph.input if i.name not in gone]  # models that list initializers as inputs
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    kept_nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in gone)]
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+
+
+def _walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _walk_nodes(sub)
+
+
+# -- external data ---------------------------------------------------------------------------------
+
+def _entries(tensor: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def _read_tensor(tensor: TensorProto, folder: Path) -> np.ndarray:
+    """A weight's values: memory-mapped when external (nothing is read until used)."""
+    if not _is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    entries = _entries(tensor)
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.memmap(folder / entries["location"], dtype=dtype, mode="r", offset=int(entries.get("offset", 0)),
+                     shape=tuple(tensor.dims))
+
+
+def _append(out, array: np.ndarray) -> int:
+    out.write(b"\0" * ((-out.tell()) % _ALIGN))
+    offset = out.tell()
+    out.write(np.ascontiguousarray(array).data)
+    return offset
+
+
+def _external(name: str, dims, data_type: int, location: str, offset: int, length: int) -> TensorProto:
+    tensor = TensorProto(name=name, data_type=data_type, dims=list(dims), data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def _tensor_type(dtype) -> int:
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            yield from a.tensors
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _all_tensors(sub)
+
+
+def external_data_files(model: onnx.ModelProto) -> set[str]:
+    """The external data file names the model's tensors refer to."""
+    return {_entries(t)["location"] for t in _all_tensors(model.graph) if _is_external(t)}
+
+
+def _fresh_data_name(model: onnx.ModelProto, folder: Path, weight: TensorProto, bits: int) -> str:
+    """`decoder.onnx.data` -> `decoder.onnx.int4.data`, numbered if that name is taken, so that a
+    file another model in the folder refers to is never overwritten."""
+    base = _entries(weight)["location"] if _is_external(weight) else "weights.data"
+    stem = base[: -len(".data")] if base.endswith(".data") else base
+    referenced = external_data_files(model)
+    name, index = f"{stem}.int{bits}.data", 1
+    while name in referenced or (folder / name).exists():
+        name, index = f"{stem}.int{bits}.{index}.data", index + 1
+    return name
+
+
+def compact_external_data(model: onnx.ModelProto, folder: Path, data_name: str | None = None,
+                          stale: Iterable[str] = ()) -> Path:
+    """Rewrites every external tensor the model still refers to into one fresh file `data_name`
+    (default: the shortest referenced name, i.e. the exporter's file that passes derive theirs from)
+    and deletes the files it referred to before, plus `stale` (names of files the model stopped
+    referring to earlier, e.g. external_data_files() taken before the passes). Bytes that several
+    tensors share are written once. Streams one tensor at a time. Save the model right after: the
+    file on disk refers to the old layout until then.
+    """
+    folder = Path(folder)
+    tensors = [t for t in _all_tensors(model.graph) if _is_external(t)]
+    before = {_entries(t)["location"] for t in tensors}
+    if data_name is None:
+        if not before:
+            raise ValueError("the model has no external data to compact")
+        data_name = min(before, key=lambda name: (len(name), name))
+    temporary = folder / f".{data_name}.compacting"
+    written: dict[tuple[str, int, int], int] = {}
+    try:
+        with open(temporary, "wb") as out:
+            for tensor in tensors:
+                entries = _entries(tensor)
+                key = (entries["location"], int(entries.get("offset", 0)), int(entries["length"]))
+                if key not in written:
+                    written[key] = _copy_range(folder / key[0], key[1], key[2], out)
+                del tensor.external_data[:]
+                for name, value in (("location", data_name), ("offset", str(written[key])), ("length", str(key[2]))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = name, value
+        os.replace(temporary, folder / data_name)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    for name in (before | set(stale)) - {data_name}:
+        (folder / name).unlink(missing_ok=True)
+    return folder / data_name
+
+
+def _copy_range(path: Path, offset: int, length: int, out, chunk: int = 16 << 20) -> int:
+    out.write(b"\0" * ((-out.tell()) % _ALIGN))
+    start = out.tell()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            block = f.read(min(chunk, left))
+            if not block:
+                raise ValueError(f"{path}: ends before offset {offset} + length {length}")
+            out.write(block)
+            left -= len(block)
+    return start
+
+
+# -- engine folders --------------------------------------------------------------------------------
+
+def update_engine_manifest(engine_dir: Path, applied_passes: Iterable[str] = ()) -> None:
+    """After rewriting files of an engine folder: records every file's current size and hash (dropping
+    files that are gone) and appends `applied_passes` to the manifest's graph_passes."""
+    import json
+
+    from runtime.engine_manifest import MANIFEST, sha256_file
+
+    folder = Path(engine_dir)
+    path = folder / MANIFEST
+    manifest = json.loads(path.read_text())
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST
+                   and not p.name.startswith("."))
+    manifest["sizes"] = {name: (folder / name).stat().st_size for name in names}
+    manifest["hashes"] = {name: sha256_file(folder / name) for name in names}
+    manifest["graph_passes"] = [*manifest.get("graph_passes", []), *applied_passes]
+    temporary = folder / f".{MANIFEST}.writing"
+    temporary.write_text(json.dumps(manifest, indent=2))
+    os.replace(temporary, path)
