@@ -7,7 +7,7 @@ Each becomes `SimplifiedLayerNormalization(x, weight)` (axis=-1, epsilon, stash_
 math whatever the storage type). Where an `Add(a, b)` of the residual stream feeds one, the pair
 becomes `com.microsoft.SkipSimplifiedLayerNormalization(a, b, weight)`, whose fourth output is the
 sum that the next residual add reads. ONNX Runtime's CPU provider runs both for float32 and float16;
-TensorRT loads them as plugins of the same names (contract: trt_plugins/rmsnorm/README.md).
+for TensorRT, `trt_rmsnorm` turns both into the `Qwen3VLRMSNorm` plugin node (trt_plugins/rmsnorm/README.md).
 """
 
 from __future__ import annotations
