@@ -10,7 +10,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("build", help="export a checkpoint to an engine folder")
     parser.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
     parser.add_argument("--out", required=True, help="engine folder to create (replaced if it is an engine)")
-    parser.add_argument("--backend", choices=("ort",), default="ort")
+    parser.add_argument("--backend", choices=("ort", "trt"), default="ort",
+                        help="trt: also write TensorRT-target graphs (plugin nodes) beside the ONNX Runtime ones")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
                         help="int8/int4: weight-only quantized decoder (and INT8 vision) with fp32 activations")
     parser.add_argument("--block-size", type=int, choices=(32, 64, 128), default=64,

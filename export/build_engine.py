@@ -32,15 +32,23 @@ from runtime.prompt import load_chat_template
 from graph_passes.driver import save_atomically
 from graph_passes.fuse_rmsnorm import fuse_rmsnorm
 from graph_passes.quantize_weights import compact_external_data, external_data_files, quantize_weights
+from graph_passes.trt_attention import trt_attention
+from graph_passes.trt_rmsnorm import trt_rmsnorm
+from graph_passes.trt_vision_attention import trt_vision_attention
+from graph_passes.trt_weight_gemm import trt_weight_gemm
 
 from .decoder_graph import export_decoder
 from .stand_in_weights import attach_weights, use_stand_in_parameters
 from .vision_graph import export_vision
 
+TRT_PASSES = (trt_attention, trt_rmsnorm, trt_weight_gemm, trt_vision_attention)
+
 # Graph dtype of each precision; int8/int4 keep fp32 activations with weight-only quantized linears.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
 BLOCK_SIZES = (32, 64, 128)
-BACKENDS = ("ort",)
+# "trt" also writes TensorRT-target graphs (plugin nodes) beside the ONNX Runtime ones; both read the
+# same weight files, and the ONNX Runtime graphs remain the CPU fallback.
+BACKENDS = ("ort", "trt")
 VERSIONED_PACKAGES = ("qwen3vl-pascal", "torch", "onnx", "onnxruntime", "tokenizers", "numpy", "pillow")
 
 
@@ -86,12 +94,16 @@ def build_engine(
             if apply_graph_passes:
                 passes = graph_passes_for(part, precision, block_size, symmetric, accuracy_level)
             applied += [f"{part}:{name}" for name in _apply_passes(part, staging, passes, progress)]
+            if backend == "trt":
+                applied += [f"{part}.trt:{name}" for name in _write_trt_graph(part, staging, progress)]
         files = {
             "vision": "vision.onnx",
             "decoder": "decoder.onnx",
             "tokenizer": "tokenizer.json",
             "chat_template": "chat_template.jinja",
         }
+        if backend == "trt":
+            files.update({"vision_trt": "vision.trt.onnx", "decoder_trt": "decoder.trt.onnx"})
         tokenizer = checkpoint_dir / "tokenizer.json"
         if not tokenizer.is_file():
             raise CheckpointError(f"{tokenizer}: missing")
@@ -180,6 +192,17 @@ def _apply_passes(part: str, staging: Path, passes: list, progress) -> list[str]
             # Quantization wrote a new file and left the replaced float weights in the old one.
             compact_external_data(model, staging, data_name=f"{part}.onnx.data")
         save_atomically(model, path)
+    return changed
+
+
+def _write_trt_graph(part: str, staging: Path, progress) -> list[str]:
+    """`<part>.trt.onnx`: the ONNX Runtime graph with fused nodes turned into plugin nodes."""
+    model = onnx.load(str(staging / f"{part}.onnx"), load_external_data=False)
+    changed = [p.name for p in TRT_PASSES if p(model, staging)]
+    if external_data_files(model) - {f"{part}.onnx.data"}:
+        raise Qwen3VLError(f"{part}: a TensorRT pass wrote weights of its own; the graphs must share one file")
+    save_atomically(model, staging / f"{part}.trt.onnx")
+    progress(f"{part}: TensorRT graph with {', '.join(changed) or 'no plugin nodes'}")
     return changed
 
 

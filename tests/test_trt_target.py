@@ -5,6 +5,7 @@ ONNX Runtime-target graph computes on ONNX Runtime CPU."""
 from __future__ import annotations
 
 import collections
+import json
 import shutil
 
 import numpy as np
@@ -410,3 +411,22 @@ def test_hand_packed_weights_match_ort_kernels(tmp_path, bits):
     got = run_reference(path, feeds)
     for name in expected:
         assert max_diff(expected[name], got[name]) <= 1e-5 * max(1.0, float(np.abs(expected[name]).max())), name
+
+
+def test_build_with_trt_backend_writes_both_targets_sharing_one_weight_file(tmp_path):
+    """`qwen3vl build --backend trt`: the TensorRT graphs run (via the references) like the ORT ones."""
+    checkpoint = write_preset("tiny", tmp_path / "ck", seed=1)
+    engine = build_engine(checkpoint, tmp_path / "engine", backend="trt", precision="int4", accuracy_level=0)
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["files"]["decoder_trt"] == "decoder.trt.onnx"
+    assert {"decoder.trt:trt_attention", "decoder.trt:trt_rmsnorm", "vision.trt:trt_vision_attention"} <= set(
+        manifest["graph_passes"])
+    for part in ("vision", "decoder"):
+        trt = onnx.load(str(engine / f"{part}.trt.onnx"), load_external_data=False)
+        locations = {e.value for t in trt.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {f"{part}.onnx.data"}
+        assert not [n for n in trt.graph.node if n.domain == "com.microsoft"]
+    feeds = prefill_feeds(engine / "decoder.onnx")
+    reference = on_ort(engine / "decoder.onnx", feeds)
+    plugins = run_reference(engine / "decoder.trt.onnx", feeds)
+    assert np.abs(plugins["logits"] - reference["logits"]).max() <= 1e-4
