@@ -17,6 +17,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--block-size", type=int, choices=(32, 64, 128), default=64,
                         help="quantization block size along the input dimension (int8/int4)")
     parser.add_argument("--asymmetric", action="store_true", help="quantize with zero points (int8/int4)")
+    parser.add_argument("--vision-int8", action="store_true",
+                        help="int8/int4: also store the vision encoder's weights in INT8 (smaller; slower on AVX2 CPUs)")
     parser.add_argument("--max-context", type=int, default=8192,
                         help="longest prompt + answer in tokens (default 8192: a laptop's budget)")
     parser.set_defaults(handler=run)
@@ -32,6 +34,6 @@ def run(args) -> int:
 
     out = build_engine(args.checkpoint, args.out, backend=args.backend, precision=args.precision,
                        max_context=args.max_context, progress=progress, block_size=args.block_size,
-                       symmetric=not args.asymmetric)
+                       symmetric=not args.asymmetric, vision_int8=args.vision_int8)
     progress(f"engine written to {out}")
     return 0

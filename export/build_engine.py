@@ -63,6 +63,7 @@ def build_engine(
     symmetric: bool = True,
     accuracy_level: int = 4,
     apply_graph_passes: bool = True,
+    vision_int8: bool = False,
 ) -> Path:
     """`apply_graph_passes=False` keeps the graphs as exported (tests compare passes against them)."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
@@ -92,7 +93,7 @@ def build_engine(
             _export_part(part, export, config, checkpoint_dir, staging, dtype, progress)
             passes = []
             if apply_graph_passes:
-                passes = graph_passes_for(part, precision, block_size, symmetric, accuracy_level)
+                passes = graph_passes_for(part, precision, block_size, symmetric, accuracy_level, vision_int8)
             applied += [f"{part}:{name}" for name in _apply_passes(part, staging, passes, progress)]
             if backend == "trt":
                 applied += [f"{part}.trt:{name}" for name in _write_trt_graph(part, staging, progress)]
@@ -165,11 +166,15 @@ def _export_part(part, export, config, checkpoint_dir, staging, dtype, progress)
     progress(f"{part}: done in {time.perf_counter() - start:.1f} s")
 
 
-def graph_passes_for(part: str, precision: str, block_size: int, symmetric: bool, accuracy_level: int) -> list:
+def graph_passes_for(part: str, precision: str, block_size: int, symmetric: bool, accuracy_level: int,
+                     vision_int8: bool = False) -> list:
     """The ONNX Runtime target's passes for one graph (the decoder's attention is fused at export)."""
     passes = [fuse_rmsnorm] if part == "decoder" else []
-    if precision in ("int8", "int4"):
-        # Decoder linears and the tied embedding at the chosen width; the vision encoder at INT8.
+    quantize = precision in ("int8", "int4") and (part == "decoder" or vision_int8)
+    if quantize:
+        # Decoder linears and the tied embedding at the chosen width. The vision encoder stays FP32
+        # unless asked: it is compute-bound, and on AVX2 CPUs ONNX Runtime's 8-bit kernels were
+        # slower than its FP32 GEMM there (`qwen3vl bench --profile`).
         bits = 4 if precision == "int4" and part == "decoder" else 8
         passes.append(quantize_weights(bits=bits, block_size=block_size, symmetric=symmetric,
                                        accuracy_level=accuracy_level, include_embedding=part == "decoder"))

@@ -15,7 +15,7 @@ from runtime import Pipeline
 def test_quantized_engine_builds_small_and_generates(tiny_checkpoints, tmp_path, precision, decoder_ratio):
     checkpoint = tiny_checkpoints["gqa2-tied"]
     fp32 = build_engine(checkpoint, tmp_path / "fp32")
-    quantized = build_engine(checkpoint, tmp_path / precision, precision=precision, block_size=32)
+    quantized = build_engine(checkpoint, tmp_path / precision, precision=precision, block_size=32, vision_int8=True)
     manifest = json.loads((quantized / "manifest.json").read_text())
     bits = precision[3:]
     assert manifest["precision"] == precision
