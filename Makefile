@@ -14,7 +14,7 @@ PROMPT ?= Describe this image.
 # pip finds torch==2.13.0 (CPU build) in a local wheel folder where the machine has one.
 PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install engine demo test bench-test checkpoint clean
+.PHONY: install engine demo test bench-test checkpoint clean plugins kernels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ test: install
 # Full-size (2B) checks; they need about 20 GB of RAM and several minutes.
 bench-test: install
 	$(PY) -m pytest -q -m slow -o addopts="-ra"
+
+# TensorRT plugins (libqwen3vl_plugins.so + libqwen3vl_kernels.so in build/plugins): needs a CUDA
+# toolkit (12.x for Pascal) and TensorRT headers, TENSORRT_ROOT=/path/to/TensorRT if not in /usr.
+plugins:
+	cmake -S trt_plugins -B build/plugins -DCMAKE_BUILD_TYPE=Release $(if $(TENSORRT_ROOT),-DTENSORRT_ROOT=$(TENSORRT_ROOT)) && cmake --build build/plugins -j
+
+# The CUDA kernels alone (libqwen3vl_kernels.so in build/kernels): no TensorRT needed.
+kernels:
+	cmake -S trt_plugins -B build/kernels -DCMAKE_BUILD_TYPE=Release -DQWEN3VL_KERNELS_ONLY=ON && cmake --build build/kernels -j --target qwen3vl_kernels
 
 clean:
 	rm -rf $(VENV) checkpoints engines
