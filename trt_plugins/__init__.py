@@ -1,1 +1,1 @@
-"""CUDA kernels and TensorRT plugins for the fused nodes (lands with the plugins issue)."""
+"""CUDA kernels and TensorRT plugins for the fused nodes; built with CMake (`make plugins`)."""
