@@ -1,4 +1,5 @@
-"""`qwen3vl bench` end to end on a tiny engine: figures for both systems, and one-line errors."""
+"""`qwen3vl bench` end to end on a tiny engine: figures for both systems, bandwidth and decode
+efficiency, fidelity against a reference engine, per-op profiles, and one-line errors."""
 
 from __future__ import annotations
 
@@ -7,13 +8,25 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from commands.bench import synthetic_image
+from commands.bench_bandwidth import decoder_weight_bytes, measure, read_bandwidth
+from commands.bench_fidelity import fidelity, fidelity_prompt, teacher_forced_logits
 from export.build_engine import build_engine
 from model_src.synthetic_checkpoint import write_preset
+from runtime import Pipeline
+from runtime.engine_manifest import load_manifest
+from runtime.image_processing import preprocess_images
+from runtime.rope_index import rope_index
+from runtime.vision_positions import vision_inputs
 
 KEYS = ("system", "vision_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "peak_rss_mb",
-        "threads", "image_tokens", "prompt_tokens", "new_tokens")
+        "threads", "image_tokens", "prompt_tokens", "new_tokens", "precision", "bandwidth_gb_s",
+        "bandwidth_1thread_gb_s", "weight_bytes_per_token", "decode_efficiency")
+FIDELITY_KEYS = ("top1_agreement", "mean_kl", "positions", "image_positions")
+PROMPT = "Describe this image."
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +35,19 @@ def tiny(tmp_path_factory):
     checkpoint = write_preset("tiny", root / "checkpoint")
     engine = build_engine(checkpoint, root / "engine", max_context=512)
     return checkpoint, engine
+
+
+@pytest.fixture(scope="module")
+def tiny_int4(tiny):
+    checkpoint, engine = tiny
+    return build_engine(checkpoint, engine.parent / "engine-int4", precision="int4", max_context=1024)
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("picture") / "picture.png"
+    synthetic_image(160, 128).save(path)
+    return str(path)
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
@@ -46,11 +72,16 @@ def test_json_figures_for_engine_and_transformers(tiny):
     for row in rows:
         assert set(KEYS) <= set(row), row
         for key in KEYS[1:]:
-            assert row[key] > 0, (key, row)
+            assert key == "precision" or row[key] > 0, (key, row)
         assert row["peak_rss_mb"] > 50, row
         assert row["threads"] == 2 and row["new_tokens"] == 4, row
         # The first token comes after the image is encoded and the prompt prefilled.
         assert row["ttft_ms"] >= row["prefill_ms"], row
+        assert row["bandwidth_gb_s"] == rows[0]["bandwidth_gb_s"]  # one machine measurement for both
+        assert row["decode_efficiency"] == pytest.approx(
+            row["weight_bytes_per_token"] * row["decode_tokens_per_s"] / (row["bandwidth_gb_s"] * 1e9), rel=1e-3)
+        assert not set(FIDELITY_KEYS) & set(row) and "profile" not in row, row  # only when asked for
+    assert rows[0]["precision"] == rows[1]["precision"] == "fp32"
     # Identical preprocessing and prompt building on both sides.
     assert rows[0]["prompt_tokens"] == rows[1]["prompt_tokens"] and rows[0]["image_tokens"] == rows[1]["image_tokens"]
     assert rows[0]["prompt_tokens"] > rows[0]["image_tokens"] > 0
@@ -78,3 +109,98 @@ def test_failure_inside_the_child_becomes_a_one_line_error(tiny, tmp_path):
     vision = broken / "vision.onnx"
     vision.write_bytes(b"\0" * vision.stat().st_size)
     assert "ONNX Runtime could not load the engine" in one_line_error(bench("--engine", str(broken)))
+
+
+def test_teacher_forcing_matches_a_full_prefill(tiny, picture):
+    """Each teacher-forced position's logits equal those of a prefill of the prompt up to it, at an
+    image position as at text positions."""
+    _, engine = tiny
+    pipe = Pipeline.load(engine, threads=2)
+    forced = teacher_forced_logits(pipe, PROMPT, picture, positions=40)
+    _, request = fidelity_prompt(pipe, PROMPT, picture, 40)
+    m, backend = pipe.manifest.model, pipe.backend
+    ids = request.input_ids[None]
+    assert np.array_equal(ids[0], forced.input_ids)
+    is_image = ids == m.image_token_id
+    assert forced.start == np.flatnonzero(is_image[0])[0] - 1 and 0 < forced.image_positions < 40
+    grids = request.processed.image_grid_thw
+    positions, _ = rope_index(ids, grids, np.ones_like(ids), m.image_token_id, m.spatial_merge_size)
+    embeds, deep = backend.encode_images(request.processed.pixel_values, vision_inputs(
+        grids, m.num_position_embeddings, m.spatial_merge_size, m.vision_head_dim, m.vision_rope_theta))
+    visual = np.zeros((1, ids.shape[1], m.hidden_size), dtype=np.float32)
+    deepstack = np.zeros((m.num_deepstack, 1, ids.shape[1], m.hidden_size), dtype=np.float32)
+    visual[is_image], deepstack[:, is_image] = embeds, deep
+    for i in (0, 1, forced.image_positions, 39):  # before, inside and after the image
+        t = forced.start + i
+        cache = backend.new_cache(1, t + 1)
+        logits = backend.decode(cache, ids[:, :t + 1], visual[:, :t + 1], deepstack[:, :, :t + 1],
+                                positions[:, :, :t + 1], np.array([t]), t + 1, np.array([t]))[0]
+        np.testing.assert_allclose(forced.logits[i], logits, atol=1e-4)
+
+
+def test_fidelity_of_an_engine_against_itself(tiny, picture):
+    _, engine = tiny
+    result = fidelity(Pipeline.load(engine, threads=2), Pipeline.load(engine, threads=2), PROMPT, picture)
+    assert result["top1_agreement"] == 1.0 and abs(result["mean_kl"]) < 1e-6, result
+    assert result["positions"] == 256 and result["image_positions"] > 0, result
+
+
+def test_int4_against_fp32_with_profile(tiny, tiny_int4):
+    """The whole --reference --profile path through the command: fidelity figures, op profiles."""
+    _, engine = tiny
+    proc = bench("--engine", str(tiny_int4), "--reference", str(engine), "--profile", "--json",
+                 "--image-size", "448x448", "--max-new-tokens", "4", "--threads", "2")
+    assert proc.returncode == 0, proc.stderr
+    (row,) = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert set(KEYS + FIDELITY_KEYS + ("profile",)) <= set(row), row
+    assert row["precision"] == "int4"
+    assert 0 < row["top1_agreement"] <= 1 and row["mean_kl"] > 0, row
+    assert row["positions"] >= 256 and row["image_positions"] > 0, row
+    # Weight-only int4 reads about an eighth of the fp32 weights per token (plus scales).
+    fp32_bytes = decoder_weight_bytes(engine, load_manifest(engine))
+    assert 0.1 * fp32_bytes < row["weight_bytes_per_token"] < 0.25 * fp32_bytes, row
+    for graph in ("vision", "prefill", "decode"):
+        summary = row["profile"][graph]
+        ops = [op["op"] for op in summary["ops"]]
+        # The vision encoder stays FP32 in int builds (unless --vision-int8); the decoder is int4.
+        assert summary["kernel_ms"] > 0 and ("MatMulNBits" in ops) == (graph != "vision"), summary
+        assert sum(op["share"] for op in summary["ops"]) == pytest.approx(1, abs=0.01)
+    assert "GroupQueryAttention" in [op["op"] for op in row["profile"]["prefill"]["ops"]]
+
+
+def test_profile_and_fidelity_in_the_table(tiny):
+    _, engine = tiny
+    proc = bench("--engine", str(engine), "--reference", str(engine), "--profile", "--positions", "16",
+                 "--max-new-tokens", "2", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for text in ("memory read bandwidth", "decode_efficiency", "top1_agreement", "16 teacher-forced positions",
+                 "profile vision", "profile prefill", "profile decode", "MatMul"):
+        assert text in out, out
+
+
+def test_bandwidth_is_positive():
+    assert read_bandwidth(1, size_bytes=32 << 20, passes=2) > 0
+    result = measure(2, size_bytes=64 << 20, passes=2)
+    assert result["bandwidth_gb_s"] > 0 and result["bandwidth_1thread_gb_s"] > 0, result
+
+
+def test_image_size_and_pixel_budget_reach_both_systems(tiny):
+    checkpoint, engine = tiny
+    budget = 64 * 64
+    proc = bench("--engine", str(engine), "--checkpoint", str(checkpoint), "--image-size", "200x100",
+                 "--max-pixels", str(budget), "--min-pixels", "1024", "--json", "--max-new-tokens", "2")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    settings = load_manifest(engine).image_processor.with_budget(1024, budget)
+    expected = sum(preprocess_images([synthetic_image(200, 100)], settings).tokens_per_image)
+    assert [row["image_tokens"] for row in rows] == [expected, expected]
+    assert np.array_equal(np.asarray(synthetic_image(200, 100)), np.asarray(synthetic_image(200, 100)))
+
+
+def test_bad_image_size_and_a_reference_of_another_model_are_one_line_errors(tiny, tiny_checkpoints, tmp_path):
+    _, engine = tiny
+    assert "--image-size must be" in one_line_error(bench("--engine", str(engine), "--image-size", "448"))
+    assert "--image-size must be" in one_line_error(bench("--engine", str(engine), "--image-size", "0x10"))
+    other = build_engine(tiny_checkpoints["gqa6-untied"], tmp_path / "other", max_context=512)
+    assert "engine of another model" in one_line_error(bench("--engine", str(engine), "--reference", str(other)))

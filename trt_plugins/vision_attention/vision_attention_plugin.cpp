@@ -1,0 +1,286 @@
+// TensorRT plugin `Qwen3VLVisionAttention`: the node graph_passes/trt_vision_attention.py emits.
+//   (q, k, v, frame_patch_index, frame_patch_mask, patch_frame_slot) -> output
+// The index tensors are int32 (TensorRT 8.6's parser narrows int64 inputs) or int64 (10.x+); the
+// mask is bool. The kernel writes each frame slot's result to the row frame_patch_index names, so
+// patch_frame_slot (its inverse, from the same frame_layout) is accepted but not read. Index values
+// outside [0, N) count as padding: the builder's timing runs feed arbitrary data.
+#include "vision_attention_plugin.h"
+
+#include "vision_attention_kernel.h"
+
+#include <cmath>
+#include <new>
+
+QWEN3VL_LEGACY_PLUGIN_API_BEGIN
+
+namespace qwen3vl
+{
+namespace plugin
+{
+namespace
+{
+
+char const* const kName = "Qwen3VLVisionAttention";
+char const* const kVersion = "1";
+int32_t const kSerialFormat = 1; // bumped when the serialized fields change
+
+enum Input : int32_t
+{
+    kQ = 0,
+    kK,
+    kV,
+    kFramePatchIndex,
+    kFramePatchMask,
+    kPatchFrameSlot,
+    kNbInputs
+};
+
+bool dimIs(nvinfer1::Dims const& dims, int32_t index, int64_t want) noexcept
+{
+    return index < dims.nbDims && (dims.d[index] < 0 || dims.d[index] == want);
+}
+
+} // namespace
+
+VisionAttentionPlugin::VisionAttentionPlugin(int32_t numHeads, int32_t headDim, float scale) noexcept
+    : mNumHeads(numHeads)
+    , mHeadDim(headDim)
+    , mScale(scale)
+{
+}
+
+VisionAttentionPlugin* VisionAttentionPlugin::deserialize(void const* data, size_t length) noexcept
+{
+    Reader reader(data, length);
+    int32_t const format = reader.read<int32_t>();
+    int32_t const numHeads = reader.read<int32_t>();
+    int32_t const headDim = reader.read<int32_t>();
+    float const scale = reader.read<float>();
+    if (!reader.complete() || format != kSerialFormat || numHeads <= 0 || (headDim != 64 && headDim != 128))
+    {
+        reportError(kName, "the serialized plugin is corrupt or from another version");
+        return nullptr;
+    }
+    return new (std::nothrow) VisionAttentionPlugin(numHeads, headDim, scale);
+}
+
+nvinfer1::AsciiChar const* VisionAttentionPlugin::getPluginType() const noexcept
+{
+    return kName;
+}
+
+nvinfer1::AsciiChar const* VisionAttentionPlugin::getPluginVersion() const noexcept
+{
+    return kVersion;
+}
+
+int32_t VisionAttentionPlugin::getNbOutputs() const noexcept
+{
+    return 1;
+}
+
+int32_t VisionAttentionPlugin::initialize() noexcept
+{
+    return 0;
+}
+
+void VisionAttentionPlugin::terminate() noexcept {}
+
+size_t VisionAttentionPlugin::getSerializationSize() const noexcept
+{
+    return 3 * sizeof(int32_t) + sizeof(float);
+}
+
+void VisionAttentionPlugin::serialize(void* buffer) const noexcept
+{
+    Writer writer(buffer);
+    writer.write(kSerialFormat);
+    writer.write(mNumHeads);
+    writer.write(mHeadDim);
+    writer.write(mScale);
+}
+
+void VisionAttentionPlugin::destroy() noexcept
+{
+    delete this;
+}
+
+void VisionAttentionPlugin::setPluginNamespace(nvinfer1::AsciiChar const* pluginNamespace) noexcept
+{
+    try
+    {
+        mNamespace = pluginNamespace == nullptr ? "" : pluginNamespace;
+    }
+    catch (...)
+    {
+        reportError(kName, "out of memory setting the namespace");
+    }
+}
+
+nvinfer1::AsciiChar const* VisionAttentionPlugin::getPluginNamespace() const noexcept
+{
+    return mNamespace.c_str();
+}
+
+nvinfer1::DataType VisionAttentionPlugin::getOutputDataType(
+    int32_t /*index*/, nvinfer1::DataType const* inputTypes, int32_t /*nbInputs*/) const noexcept
+{
+    return inputTypes[kQ];
+}
+
+nvinfer1::IPluginV2DynamicExt* VisionAttentionPlugin::clone() const noexcept
+{
+    try
+    {
+        return new VisionAttentionPlugin(*this);
+    }
+    catch (...)
+    {
+        reportError(kName, "out of memory cloning the plugin");
+        return nullptr;
+    }
+}
+
+nvinfer1::DimsExprs VisionAttentionPlugin::getOutputDimensions(int32_t /*outputIndex*/,
+    nvinfer1::DimsExprs const* inputs, int32_t /*nbInputs*/, nvinfer1::IExprBuilder& /*exprBuilder*/) noexcept
+{
+    return inputs[kQ]; // (N, H*D), packed order
+}
+
+bool VisionAttentionPlugin::supportsFormatCombination(
+    int32_t pos, nvinfer1::PluginTensorDesc const* inOut, int32_t /*nbInputs*/, int32_t /*nbOutputs*/) noexcept
+{
+    using nvinfer1::DataType;
+    nvinfer1::PluginTensorDesc const& desc = inOut[pos];
+    if (desc.format != nvinfer1::TensorFormat::kLINEAR)
+    {
+        return false;
+    }
+    switch (pos)
+    {
+    case kQ: return desc.type == DataType::kFLOAT || desc.type == DataType::kHALF;
+    case kFramePatchIndex:
+    case kPatchFrameSlot: return trt::isIndexType(desc.type);
+    case kFramePatchMask: return desc.type == DataType::kBOOL;
+    default: return desc.type == inOut[kQ].type; // k, v and the output
+    }
+}
+
+void VisionAttentionPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+    nvinfer1::DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
+{
+    if (nbInputs != kNbInputs || nbOutputs != 1)
+    {
+        reportError(kName, "expects 6 inputs (q, k, v, frame_patch_index, frame_patch_mask, patch_frame_slot) and "
+                           "1 output");
+        return;
+    }
+    int64_t const width = static_cast<int64_t>(mNumHeads) * mHeadDim;
+    nvinfer1::Dims const& index = in[kFramePatchIndex].desc.dims;
+    nvinfer1::Dims const& mask = in[kFramePatchMask].desc.dims;
+    bool ok = true;
+    for (int32_t i = kQ; i <= kV; ++i)
+    {
+        ok = ok && in[i].desc.dims.nbDims == 2 && dimIs(in[i].desc.dims, 1, width);
+    }
+    ok = ok && index.nbDims == 2 && mask.nbDims == 2 && in[kPatchFrameSlot].desc.dims.nbDims == 1;
+    if (!ok)
+    {
+        reportError(kName, "shapes: q/k/v (N, H*D), frame_patch_index and frame_patch_mask (F, L), "
+                           "patch_frame_slot (N)");
+    }
+}
+
+size_t VisionAttentionPlugin::getWorkspaceSize(nvinfer1::PluginTensorDesc const* /*inputs*/, int32_t /*nbInputs*/,
+    nvinfer1::PluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
+{
+    return 0;
+}
+
+int32_t VisionAttentionPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
+    nvinfer1::PluginTensorDesc const* /*outputDesc*/, void const* const* inputs, void* const* outputs,
+    void* /*workspace*/, cudaStream_t stream) noexcept
+{
+    nvinfer1::Dims const& index = inputDesc[kFramePatchIndex].dims;
+    nvinfer1::Dims const& q = inputDesc[kQ].dims;
+    if (index.nbDims != 2 || index.d[0] > INT32_MAX || index.d[1] > INT32_MAX || q.nbDims != 2)
+    {
+        reportError(kName, "q must be (N, H*D) and frame_patch_index (F, L)");
+        return 1;
+    }
+    qwen3vl_dtype const dtype = inputDesc[kQ].type == nvinfer1::DataType::kHALF ? QWEN3VL_FLOAT16 : QWEN3VL_FLOAT32;
+    cudaError_t const status = qwen3vl_vision_attention(inputs[kQ], inputs[kK], inputs[kV],
+        inputs[kFramePatchIndex], static_cast<uint8_t const*>(inputs[kFramePatchMask]), outputs[0],
+        static_cast<int64_t>(q.d[0]), static_cast<int32_t>(index.d[0]), static_cast<int32_t>(index.d[1]), mNumHeads,
+        mHeadDim, mScale, dtype, trt::indexBits(inputDesc[kFramePatchIndex].type), stream);
+    return launchStatus(status, kName);
+}
+
+VisionAttentionPluginCreator::VisionAttentionPluginCreator()
+{
+    addField("num_heads", nvinfer1::PluginFieldType::kINT32);
+    addField("head_dim", nvinfer1::PluginFieldType::kINT32);
+    addField("scale", nvinfer1::PluginFieldType::kFLOAT32);
+}
+
+nvinfer1::AsciiChar const* VisionAttentionPluginCreator::getPluginName() const noexcept
+{
+    return kName;
+}
+
+nvinfer1::AsciiChar const* VisionAttentionPluginCreator::getPluginVersion() const noexcept
+{
+    return kVersion;
+}
+
+nvinfer1::IPluginV2* VisionAttentionPluginCreator::createPlugin(
+    nvinfer1::AsciiChar const* /*name*/, nvinfer1::PluginFieldCollection const* fc) noexcept
+{
+    double numHeads = 0;
+    double headDim = 0;
+    double scale = 0;
+    bool seen[3] = {false, false, false};
+    FieldTarget const targets[]
+        = {{"num_heads", &numHeads, &seen[0]}, {"head_dim", &headDim, &seen[1]}, {"scale", &scale, &seen[2]}};
+    if (!readFields(kName, fc, targets, 3))
+    {
+        return nullptr;
+    }
+    if (!integerIn(numHeads, 1, 65535) || (headDim != 64 && headDim != 128))
+    {
+        reportError(kName, "attributes: num_heads >= 1, head_dim 64 or 128");
+        return nullptr;
+    }
+    if (!seen[2] || scale == 0)
+    {
+        scale = 1.0 / std::sqrt(headDim); // the contract's default, D**-0.5
+    }
+    if (!std::isfinite(scale))
+    {
+        reportError(kName, "attribute scale must be finite");
+        return nullptr;
+    }
+    auto* plugin = new (std::nothrow)
+        VisionAttentionPlugin(static_cast<int32_t>(numHeads), static_cast<int32_t>(headDim), static_cast<float>(scale));
+    if (plugin != nullptr)
+    {
+        plugin->setPluginNamespace(mNamespace.c_str());
+    }
+    return plugin;
+}
+
+nvinfer1::IPluginV2* VisionAttentionPluginCreator::deserializePlugin(
+    nvinfer1::AsciiChar const* /*name*/, void const* serialData, size_t serialLength) noexcept
+{
+    VisionAttentionPlugin* plugin = VisionAttentionPlugin::deserialize(serialData, serialLength);
+    if (plugin != nullptr)
+    {
+        plugin->setPluginNamespace(mNamespace.c_str());
+    }
+    return plugin;
+}
+
+} // namespace plugin
+} // namespace qwen3vl
+
+QWEN3VL_LEGACY_PLUGIN_API_END

@@ -1,0 +1,76 @@
+// TensorRT plugin `Qwen3VLVisionAttention` (version "1"): contract in
+// trt_plugins/vision_attention/README.md.
+#pragma once
+
+#include "../common/plugin_utils.h"
+
+#include <string>
+
+QWEN3VL_LEGACY_PLUGIN_API_BEGIN
+
+namespace qwen3vl
+{
+namespace plugin
+{
+
+class VisionAttentionPlugin final : public nvinfer1::IPluginV2DynamicExt
+{
+public:
+    VisionAttentionPlugin(int32_t numHeads, int32_t headDim, float scale) noexcept;
+
+    // nullptr (and a report) when the bytes are not a serialized VisionAttentionPlugin.
+    static VisionAttentionPlugin* deserialize(void const* data, size_t length) noexcept;
+
+    // IPluginV2
+    nvinfer1::AsciiChar const* getPluginType() const noexcept override;
+    nvinfer1::AsciiChar const* getPluginVersion() const noexcept override;
+    int32_t getNbOutputs() const noexcept override;
+    int32_t initialize() noexcept override;
+    void terminate() noexcept override;
+    size_t getSerializationSize() const noexcept override;
+    void serialize(void* buffer) const noexcept override;
+    void destroy() noexcept override;
+    void setPluginNamespace(nvinfer1::AsciiChar const* pluginNamespace) noexcept override;
+    nvinfer1::AsciiChar const* getPluginNamespace() const noexcept override;
+
+    // IPluginV2Ext
+    nvinfer1::DataType getOutputDataType(
+        int32_t index, nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
+
+    // IPluginV2DynamicExt
+    nvinfer1::IPluginV2DynamicExt* clone() const noexcept override;
+    nvinfer1::DimsExprs getOutputDimensions(int32_t outputIndex, nvinfer1::DimsExprs const* inputs, int32_t nbInputs,
+        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+    bool supportsFormatCombination(
+        int32_t pos, nvinfer1::PluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept override;
+    void configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+    size_t getWorkspaceSize(nvinfer1::PluginTensorDesc const* inputs, int32_t nbInputs,
+        nvinfer1::PluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
+    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+
+private:
+    int32_t mNumHeads;
+    int32_t mHeadDim;
+    float mScale;
+    std::string mNamespace;
+};
+
+class VisionAttentionPluginCreator final : public PluginCreatorBase
+{
+public:
+    VisionAttentionPluginCreator();
+
+    nvinfer1::AsciiChar const* getPluginName() const noexcept override;
+    nvinfer1::AsciiChar const* getPluginVersion() const noexcept override;
+    nvinfer1::IPluginV2* createPlugin(
+        nvinfer1::AsciiChar const* name, nvinfer1::PluginFieldCollection const* fc) noexcept override;
+    nvinfer1::IPluginV2* deserializePlugin(
+        nvinfer1::AsciiChar const* name, void const* serialData, size_t serialLength) noexcept override;
+};
+
+} // namespace plugin
+} // namespace qwen3vl
+
+QWEN3VL_LEGACY_PLUGIN_API_END
