@@ -65,7 +65,8 @@ def engines(tmp_path_factory):
     return {
         "fp32": build_engine(checkpoint, root / "fp32", precision="fp32"),
         "fp16": build_engine(checkpoint, root / "fp16", precision="fp16"),
-        "int4": build_engine(checkpoint, root / "int4", precision="int4", symmetric=False, accuracy_level=0),
+        "int4": build_engine(checkpoint, root / "int4", precision="int4", symmetric=False, accuracy_level=0,
+                         vision_int8=True),
     }
 
 
