@@ -75,8 +75,8 @@ def test_json_figures_for_engine_and_transformers(tiny):
             assert key == "precision" or row[key] > 0, (key, row)
         assert row["peak_rss_mb"] > 50, row
         assert row["threads"] == 2 and row["new_tokens"] == 4, row
-        # The first token comes after the image is encoded and the prompt prefilled.
-        assert row["ttft_ms"] >= row["prefill_ms"], row
+        # No relation between timings is asserted: transformers' ttft comes from a separate generate()
+        # call, and on a loaded machine separately timed figures need not add up.
         assert row["bandwidth_gb_s"] == rows[0]["bandwidth_gb_s"]  # one machine measurement for both
         assert row["decode_efficiency"] == pytest.approx(
             row["weight_bytes_per_token"] * row["decode_tokens_per_s"] / (row["bandwidth_gb_s"] * 1e9), rel=1e-3)
