@@ -31,6 +31,7 @@ from runtime.prompt import load_chat_template
 
 from graph_passes.driver import save_atomically
 from graph_passes.fuse_rmsnorm import fuse_rmsnorm
+from graph_passes.quantize_dynamic_int8 import dynamic_int8_weights
 from graph_passes.quantize_weights import compact_external_data, external_data_files, quantize_weights
 from graph_passes.trt_attention import trt_attention
 from graph_passes.trt_rmsnorm import trt_rmsnorm
@@ -46,6 +47,7 @@ TRT_PASSES = (trt_attention, trt_rmsnorm, trt_weight_gemm, trt_vision_attention)
 # Graph dtype of each precision; int8/int4 keep fp32 activations with weight-only quantized linears.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
 BLOCK_SIZES = (32, 64, 128)
+VISION_PRECISIONS = ("fp32", "int8")
 # "trt" also writes TensorRT-target graphs (plugin nodes) beside the ONNX Runtime ones; both read the
 # same weight files, and the ONNX Runtime graphs remain the CPU fallback.
 BACKENDS = ("ort", "trt")
@@ -63,9 +65,10 @@ def build_engine(
     symmetric: bool = True,
     accuracy_level: int = 4,
     apply_graph_passes: bool = True,
-    vision_int8: bool = False,
+    vision_precision: str | None = None,
 ) -> Path:
-    """`apply_graph_passes=False` keeps the graphs as exported (tests compare passes against them)."""
+    """`apply_graph_passes=False` keeps the graphs as exported (tests compare passes against them).
+    `vision_precision` "fp32" or "int8"; default int8 for int8/int4 builds, else the graph's dtype."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if block_size not in BLOCK_SIZES:
         raise Qwen3VLError(f"unsupported block size {block_size} (choose from {', '.join(map(str, BLOCK_SIZES))})")
@@ -73,6 +76,11 @@ def build_engine(
         raise Qwen3VLError(f"unsupported backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if precision not in PRECISIONS:
         raise Qwen3VLError(f"unsupported precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    vision_precision = vision_precision or ("int8" if precision in ("int8", "int4") else "fp32")
+    if vision_precision not in VISION_PRECISIONS:
+        raise Qwen3VLError(f"unsupported vision precision {vision_precision!r} (choose from {', '.join(VISION_PRECISIONS)})")
+    if vision_precision == "int8" and precision == "fp16":
+        raise Qwen3VLError("--vision-precision int8 needs FP32 activations: use it with --precision fp32, int8 or int4")
     if max_context < 16:
         raise Qwen3VLError(f"--max-context {max_context} is too small")
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
@@ -93,7 +101,8 @@ def build_engine(
             _export_part(part, export, config, checkpoint_dir, staging, dtype, progress)
             passes = []
             if apply_graph_passes:
-                passes = graph_passes_for(part, precision, block_size, symmetric, accuracy_level, vision_int8)
+                passes = graph_passes_for(part, precision, block_size, symmetric, accuracy_level, vision_precision,
+                                          backend)
             applied += [f"{part}:{name}" for name in _apply_passes(part, staging, passes, progress)]
             if backend == "trt":
                 applied += [f"{part}.trt:{name}" for name in _write_trt_graph(part, staging, progress)]
@@ -167,17 +176,24 @@ def _export_part(part, export, config, checkpoint_dir, staging, dtype, progress)
 
 
 def graph_passes_for(part: str, precision: str, block_size: int, symmetric: bool, accuracy_level: int,
-                     vision_int8: bool = False) -> list:
+                     vision_precision: str = "fp32", backend: str = "ort") -> list:
     """The ONNX Runtime target's passes for one graph (the decoder's attention is fused at export)."""
-    passes = [fuse_rmsnorm] if part == "decoder" else []
-    quantize = precision in ("int8", "int4") and (part == "decoder" or vision_int8)
-    if quantize:
-        # Decoder linears and the tied embedding at the chosen width. The vision encoder stays FP32
-        # unless asked: it is compute-bound, and on AVX2 CPUs ONNX Runtime's 8-bit kernels were
-        # slower than its FP32 GEMM there (`qwen3vl bench --profile`).
-        bits = 4 if precision == "int4" and part == "decoder" else 8
-        passes.append(quantize_weights(bits=bits, block_size=block_size, symmetric=symmetric,
-                                       accuracy_level=accuracy_level, include_embedding=part == "decoder"))
+    if part == "vision":
+        if vision_precision != "int8":
+            return []
+        if backend == "trt":
+            # The TensorRT graph is derived from this one and shares its weights: weight-only INT8 in
+            # the layout the weight-only GEMM plugin reads.
+            return [quantize_weights(bits=8, block_size=block_size, symmetric=symmetric,
+                                     accuracy_level=accuracy_level, include_embedding=False)]
+        # Compute-bound: INT8 weights *and* INT8 compute (ONNX Runtime's integer GEMM), ~2x its FP32
+        # GEMM on AVX2, where weight-only INT8 (MatMulNBits) was slower than FP32.
+        return [dynamic_int8_weights()]
+    passes = [fuse_rmsnorm]
+    if precision in ("int8", "int4"):
+        # Decoder linears and the tied embedding at the chosen width.
+        passes.append(quantize_weights(bits=4 if precision == "int4" else 8, block_size=block_size,
+                                       symmetric=symmetric, accuracy_level=accuracy_level, include_embedding=True))
     return passes
 
 

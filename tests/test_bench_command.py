@@ -162,8 +162,9 @@ def test_int4_against_fp32_with_profile(tiny, tiny_int4):
     for graph in ("vision", "prefill", "decode"):
         summary = row["profile"][graph]
         ops = [op["op"] for op in summary["ops"]]
-        # The vision encoder stays FP32 in int builds (unless --vision-int8); the decoder is int4.
+        # int builds: the vision encoder computes in INT8 (DynamicQuantizeMatMul), the decoder is int4.
         assert summary["kernel_ms"] > 0 and ("MatMulNBits" in ops) == (graph != "vision"), summary
+        assert ("DynamicQuantizeMatMul" in ops) == (graph == "vision"), summary
         assert sum(op["share"] for op in summary["ops"]) == pytest.approx(1, abs=0.01)
     assert "GroupQueryAttention" in [op["op"] for op in row["profile"]["prefill"]["ops"]]
 

@@ -15,13 +15,13 @@ from runtime import Pipeline
 def test_quantized_engine_builds_small_and_generates(tiny_checkpoints, tmp_path, precision, decoder_ratio):
     checkpoint = tiny_checkpoints["gqa2-tied"]
     fp32 = build_engine(checkpoint, tmp_path / "fp32")
-    quantized = build_engine(checkpoint, tmp_path / precision, precision=precision, block_size=32, vision_int8=True)
+    quantized = build_engine(checkpoint, tmp_path / precision, precision=precision, block_size=32)
     manifest = json.loads((quantized / "manifest.json").read_text())
     bits = precision[3:]
     assert manifest["precision"] == precision
     assert "decoder:fuse_rmsnorm" in manifest["graph_passes"]
     assert f"decoder:quantize_weights:int{bits}:b32:sym" in manifest["graph_passes"]
-    assert "vision:quantize_weights:int8:b32:sym" in manifest["graph_passes"]
+    assert "vision:dynamic_int8_weights:per_column:7bit" in manifest["graph_passes"]  # the default
     # Only the graphs' own data files remain: the replaced float weights are gone.
     assert sorted(p.name for p in quantized.iterdir() if p.name.endswith(".data")) == [
         "decoder.onnx.data", "vision.onnx.data"]
