@@ -72,12 +72,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, past_key, past_value, seqlens_k, total_sequence_length):
         # x: (B, S, hidden); cos/sin: (B, S, head_dim); past_*: (B, kv_heads, M, head_dim)
-        b, s, _ = x.shape
+        # (B, S) from cos, one tensor for all layers: in the exported graph every layer's reshapes then
+        # read the same Shape/Gather nodes, which ONNX Runtime merges, instead of computing their own.
+        b, s = cos.shape[:2]
         q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim))
         cos, sin = cos[:, :, None], sin[:, :, None]
-        q = (q * cos + rotate_half(q) * sin).reshape(b, s, -1)
-        k = (k * cos + rotate_half(k) * sin).reshape(b, s, -1)
+        half = self.head_dim // 2
+        q = (q * cos + rotate_half(q, half) * sin).reshape(b, s, -1)
+        k = (k * cos + rotate_half(k, half) * sin).reshape(b, s, -1)
         out, key, value = self.core(q, k, self.v_proj(x), past_key, past_value, seqlens_k, total_sequence_length)
         return self.o_proj(out), key, value
 

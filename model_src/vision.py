@@ -27,9 +27,10 @@ class FrameLayout(NamedTuple):
     slot: torch.Tensor  # (N,) flat slot of each packed patch
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last axis of size 2 * half. `half` is a Python int so the
+    export's slices have constant bounds (x.chunk would compute them from the shape, per layer)."""
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class VisionAttention(nn.Module):
@@ -42,10 +43,11 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: "FrameLayout") -> torch.Tensor:
         # x: (N, hidden); cos/sin: (N, 1, head_dim)
-        n = x.shape[0]
+        n = cos.shape[0]  # cos is one tensor for all layers: the exported shape arithmetic is shared
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, heads, head_dim)
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        half = self.head_dim // 2
+        q = (q.float() * cos + rotate_half(q.float(), half) * sin).to(x.dtype)
+        k = (k.float() * cos + rotate_half(k.float(), half) * sin).to(x.dtype)
         # Block-diagonal: each frame's patches form one row of a padded batch; nothing across frames.
         frames, longest = layout.index.shape
         flat = layout.index.reshape(-1)
