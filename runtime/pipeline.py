@@ -165,8 +165,7 @@ class Pipeline:
         scores = [[] for _ in range(batch)] if logprobs else None
         finished = np.zeros(batch, dtype=bool)
         eos = np.array(m.eos_token_ids)
-        step_visual = np.zeros((batch, 1, m.hidden_size), dtype=dtype)
-        step_deepstack = np.zeros((m.num_deepstack, batch, 1, m.hidden_size), dtype=dtype)
+        steps = self.backend.decode_steps(cache)
         cache_len = lengths.copy()
         ttft_ms = decode_start = None
         for step in range(max_new_tokens):
@@ -186,9 +185,7 @@ class Pipeline:
             })
             if finished.all() or step == max_new_tokens - 1:
                 return
-            step_positions = np.broadcast_to((cache_len + deltas[:, 0])[None, :, None], (3, batch, 1))
-            logits = self.backend.decode(cache, tokens[:, None], step_visual, step_deepstack, step_positions,
-                                         cache_len, int(cache_len.max()) + 1, np.zeros(batch, dtype=np.int64))
+            logits = steps(tokens, cache_len + deltas[:, 0], cache_len, int(cache_len.max()) + 1)
             cache_len += 1
 
     def _results(self, requests, generated, scores, finished, timings) -> list[GenerationResult]:

@@ -46,9 +46,12 @@ def next_tokens(logits: np.ndarray, config: SamplingConfig, rng: np.random.Gener
     scaled = logits.astype(np.float64) / config.temperature
     choices = []
     for row in scaled:
-        order = np.argsort(-row, kind="stable")
-        if config.top_k:
-            order = order[: config.top_k]
+        if config.top_k and config.top_k < row.size:
+            # The k largest without sorting the whole vocabulary (~10 ms a step for 152k logits).
+            candidates = np.argpartition(-row, config.top_k - 1)[: config.top_k]
+            order = candidates[np.lexsort((candidates, -row[candidates]))]  # by value, ties by id
+        else:
+            order = np.argsort(-row, kind="stable")
         probs = np.exp(row[order] - row[order[0]])
         probs /= probs.sum()
         if config.top_p < 1:
