@@ -29,9 +29,12 @@ def _stream(view: np.ndarray, chunk: int) -> float:
     return best
 
 
-def read_bandwidth(threads: int, size_bytes: int = GIB, passes: int = 5, array: np.ndarray | None = None) -> float:
+def read_bandwidth(threads: int, size_bytes: int = GIB, passes: int = 10, array: np.ndarray | None = None) -> float:
     """Best-of-`passes` read bandwidth in GB/s (10**9 bytes per second) with `threads` threads over
-    a float32 array of `size_bytes` (or over `array`, to reuse one between thread counts)."""
+    a float32 array of `size_bytes` (or over `array`, to reuse one between thread counts).
+
+    Best of many passes: on a shared host single passes vary by 10% or more, and the best one is
+    the closest to what the memory can deliver, the bound decode is compared with."""
     if threads < 1:
         raise ValueError("threads must be >= 1")
     data = array if array is not None else make_array(size_bytes)
@@ -53,7 +56,7 @@ def make_array(size_bytes: int = GIB) -> np.ndarray:
     return np.ones(max(1, size_bytes // 4), dtype=np.float32)
 
 
-def measure(threads: int, size_bytes: int = GIB, passes: int = 5) -> dict:
+def measure(threads: int, size_bytes: int = GIB, passes: int = 10) -> dict:
     """Bandwidth with `threads` threads and with one, over the same array: whether more threads
     help tells whether one core alone can saturate memory on this machine."""
     data = make_array(size_bytes)
