@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--asymmetric", action="store_true", help="quantize with zero points (int8/int4)")
     parser.add_argument("--vision-precision", choices=("fp32", "int8"), default=None,
                         help="vision encoder weights; int8 (default for int8/int4 builds) also computes in INT8 "
-                             "on the CPU, ~2x faster than fp32 (default for fp32/fp16 builds)")
+                             "on the CPU, ~1.5x faster than fp32 (the default for fp32/fp16 builds)")
     parser.add_argument("--max-context", type=int, default=8192,
                         help="longest prompt + answer in tokens (default 8192: a laptop's budget)")
     parser.set_defaults(handler=run)
