@@ -78,7 +78,8 @@ def build_engine(
         raise Qwen3VLError(f"unsupported precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     vision_precision = vision_precision or ("int8" if precision in ("int8", "int4") else "fp32")
     if vision_precision not in VISION_PRECISIONS:
-        raise Qwen3VLError(f"unsupported vision precision {vision_precision!r} (choose from {', '.join(VISION_PRECISIONS)})")
+        raise Qwen3VLError(f"unsupported vision precision {vision_precision!r} "
+                           f"(choose from {', '.join(VISION_PRECISIONS)})")
     if vision_precision == "int8" and precision == "fp16":
         raise Qwen3VLError("--vision-precision int8 needs FP32 activations: use it with --precision fp32, int8 or int4")
     if max_context < 16:
