@@ -4,7 +4,10 @@
   host compiler's -Wall -Wextra -Werror), in parallel;
 - every plugin `.cpp` with g++ -fsyntax-only against each TensorRT header set found under
   $TRT_HEADERS_ROOT (folders like v8.6.1/include, v10.13.3/include, v11.1/include). No TensorRT
-  wheel ships headers and none are in this project, so without that variable the check skips.
+  wheel ships headers and none are in this project, so without that variable the check skips;
+- with those headers, the plugin sources linked with the kernels into tests/plugin_lifecycle.cpp,
+  which runs each creator and plugin through create / clone / serialize / deserialize / destroy
+  (no GPU and no TensorRT library needed: nothing is enqueued).
 """
 
 from __future__ import annotations
@@ -104,3 +107,36 @@ def test_plugins_compile_against_tensorrt_headers(trt_include):
     }
     failures = _run_all(commands)
     assert not failures, "\n".join(failures)
+
+
+@pytest.fixture(scope="module")
+def kernel_objects(tmp_path_factory):
+    """The kernels compiled once (sm_75) for linking; skips without nvcc."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: install the CUDA toolkit to link the plugins with their kernels")
+    folder = tmp_path_factory.mktemp("kernel_objects")
+    objects = [folder / f"{source.parent.name}_{source.stem}.o" for source in KERNELS]
+    failures = _run_all({str(source): [nvcc, "-std=c++17", "-O1", "-arch=sm_75", "-Xcompiler=-fPIC", "-c",
+                                       str(source), "-o", str(obj)] for source, obj in zip(KERNELS, objects)})
+    assert not failures, "\n".join(failures)
+    return objects
+
+
+@pytest.mark.parametrize("trt_include", _header_sets())
+def test_plugins_link_and_survive_their_lifecycle(trt_include, kernel_objects, tmp_path):
+    gxx = shutil.which("g++")
+    cuda_include = _cuda_include()
+    if gxx is None or cuda_include is None:
+        pytest.skip("needs g++ and the CUDA runtime headers (cuda_runtime_api.h)")
+    cuda_lib = cuda_include.parent / "lib64"
+    binary = tmp_path / "plugin_lifecycle"
+    sources = [str(p) for p in PLUGINS.glob("*/*_plugin.cpp")]
+    build = subprocess.run(
+        [gxx, "-std=c++17", "-O1", "-fsanitize=address,undefined", "-Wall", "-Wextra", "-Werror", f"-I{PLUGINS}",
+         f"-I{cuda_include}", f"-I{trt_include}", str(ROOT / "tests" / "plugin_lifecycle.cpp"), *sources,
+         *map(str, kernel_objects), f"-L{cuda_lib}", "-lcudart", f"-Wl,-rpath,{cuda_lib}", "-o", str(binary)],
+        capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout + build.stderr
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "all plugins ok" in run.stdout, run.stdout + run.stderr

@@ -23,8 +23,6 @@ namespace plugin
 namespace
 {
 
-char const* const kName = "Qwen3VLAttention";
-char const* const kVersion = "1";
 int32_t const kSerialFormat = 1; // bumped when the serialized fields change
 
 enum Input : int32_t
@@ -138,27 +136,10 @@ AttentionPlugin* AttentionPlugin::deserialize(void const* data, size_t length) n
         AttentionPlugin(numHeads, kvNumHeads, headDim, scale, epsilon, static_cast<qwen3vl_dtype>(cacheType));
 }
 
-nvinfer1::AsciiChar const* AttentionPlugin::getPluginType() const noexcept
-{
-    return kName;
-}
-
-nvinfer1::AsciiChar const* AttentionPlugin::getPluginVersion() const noexcept
-{
-    return kVersion;
-}
-
 int32_t AttentionPlugin::getNbOutputs() const noexcept
 {
     return kNbOutputs;
 }
-
-int32_t AttentionPlugin::initialize() noexcept
-{
-    return 0;
-}
-
-void AttentionPlugin::terminate() noexcept {}
 
 size_t AttentionPlugin::getSerializationSize() const noexcept
 {
@@ -177,28 +158,6 @@ void AttentionPlugin::serialize(void* buffer) const noexcept
     writer.write(static_cast<int32_t>(mCacheType));
 }
 
-void AttentionPlugin::destroy() noexcept
-{
-    delete this;
-}
-
-void AttentionPlugin::setPluginNamespace(nvinfer1::AsciiChar const* pluginNamespace) noexcept
-{
-    try
-    {
-        mNamespace = pluginNamespace == nullptr ? "" : pluginNamespace;
-    }
-    catch (...)
-    {
-        reportError(kName, "out of memory setting the namespace");
-    }
-}
-
-nvinfer1::AsciiChar const* AttentionPlugin::getPluginNamespace() const noexcept
-{
-    return mNamespace.c_str();
-}
-
 nvinfer1::DataType AttentionPlugin::cacheType() const noexcept
 {
     return mCacheType == QWEN3VL_FLOAT16 ? nvinfer1::DataType::kHALF : nvinfer1::DataType::kFLOAT;
@@ -208,19 +167,6 @@ nvinfer1::DataType AttentionPlugin::getOutputDataType(
     int32_t index, nvinfer1::DataType const* inputTypes, int32_t /*nbInputs*/) const noexcept
 {
     return index == kOutput ? inputTypes[kQ] : cacheType(); // present_* keep the buffers' type
-}
-
-nvinfer1::IPluginV2DynamicExt* AttentionPlugin::clone() const noexcept
-{
-    try
-    {
-        return new AttentionPlugin(*this);
-    }
-    catch (...)
-    {
-        reportError(kName, "out of memory cloning the plugin");
-        return nullptr;
-    }
 }
 
 nvinfer1::DimsExprs AttentionPlugin::getOutputDimensions(int32_t outputIndex, nvinfer1::DimsExprs const* inputs,
@@ -332,16 +278,6 @@ AttentionPluginCreator::AttentionPluginCreator()
     addField("kv_cache_type", nvinfer1::PluginFieldType::kCHAR);
 }
 
-nvinfer1::AsciiChar const* AttentionPluginCreator::getPluginName() const noexcept
-{
-    return kName;
-}
-
-nvinfer1::AsciiChar const* AttentionPluginCreator::getPluginVersion() const noexcept
-{
-    return kVersion;
-}
-
 nvinfer1::IPluginV2* AttentionPluginCreator::createPlugin(
     nvinfer1::AsciiChar const* /*name*/, nvinfer1::PluginFieldCollection const* fc) noexcept
 {
@@ -381,17 +317,6 @@ nvinfer1::IPluginV2* AttentionPluginCreator::createPlugin(
     }
     auto* plugin = new (std::nothrow) AttentionPlugin(static_cast<int32_t>(numHeads), static_cast<int32_t>(kvNumHeads),
         static_cast<int32_t>(headDim), static_cast<float>(scale), static_cast<float>(epsilon), cacheType);
-    if (plugin != nullptr)
-    {
-        plugin->setPluginNamespace(mNamespace.c_str());
-    }
-    return plugin;
-}
-
-nvinfer1::IPluginV2* AttentionPluginCreator::deserializePlugin(
-    nvinfer1::AsciiChar const* /*name*/, void const* serialData, size_t serialLength) noexcept
-{
-    AttentionPlugin* plugin = AttentionPlugin::deserialize(serialData, serialLength);
     if (plugin != nullptr)
     {
         plugin->setPluginNamespace(mNamespace.c_str());

@@ -13,9 +13,12 @@ namespace qwen3vl
 namespace plugin
 {
 
-class AttentionPlugin final : public nvinfer1::IPluginV2DynamicExt
+class AttentionPlugin final : public PluginBase<AttentionPlugin>
 {
 public:
+    static constexpr char const* kName = "Qwen3VLAttention";
+    static constexpr char const* kVersion = "1";
+
     AttentionPlugin(int32_t numHeads, int32_t kvNumHeads, int32_t headDim, float scale, float epsilon,
         qwen3vl_dtype cacheType) noexcept;
 
@@ -23,23 +26,15 @@ public:
     static AttentionPlugin* deserialize(void const* data, size_t length) noexcept;
 
     // IPluginV2
-    nvinfer1::AsciiChar const* getPluginType() const noexcept override;
-    nvinfer1::AsciiChar const* getPluginVersion() const noexcept override;
     int32_t getNbOutputs() const noexcept override;
-    int32_t initialize() noexcept override;
-    void terminate() noexcept override;
     size_t getSerializationSize() const noexcept override;
     void serialize(void* buffer) const noexcept override;
-    void destroy() noexcept override;
-    void setPluginNamespace(nvinfer1::AsciiChar const* pluginNamespace) noexcept override;
-    nvinfer1::AsciiChar const* getPluginNamespace() const noexcept override;
 
     // IPluginV2Ext
     nvinfer1::DataType getOutputDataType(
         int32_t index, nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
 
     // IPluginV2DynamicExt
-    nvinfer1::IPluginV2DynamicExt* clone() const noexcept override;
     nvinfer1::DimsExprs getOutputDimensions(int32_t outputIndex, nvinfer1::DimsExprs const* inputs, int32_t nbInputs,
         nvinfer1::IExprBuilder& exprBuilder) noexcept override;
     bool supportsFormatCombination(
@@ -60,20 +55,15 @@ private:
     float mScale;
     float mEpsilon;
     qwen3vl_dtype mCacheType;
-    std::string mNamespace;
 };
 
-class AttentionPluginCreator final : public PluginCreatorBase
+class AttentionPluginCreator final : public PluginCreatorOf<AttentionPlugin>
 {
 public:
     AttentionPluginCreator();
 
-    nvinfer1::AsciiChar const* getPluginName() const noexcept override;
-    nvinfer1::AsciiChar const* getPluginVersion() const noexcept override;
     nvinfer1::IPluginV2* createPlugin(
         nvinfer1::AsciiChar const* name, nvinfer1::PluginFieldCollection const* fc) noexcept override;
-    nvinfer1::IPluginV2* deserializePlugin(
-        nvinfer1::AsciiChar const* name, void const* serialData, size_t serialLength) noexcept override;
 };
 
 } // namespace plugin

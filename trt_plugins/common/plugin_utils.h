@@ -231,6 +231,98 @@ private:
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
+// What every plugin has alike: a fixed name and version (`Derived::kName`, `Derived::kVersion`), a
+// namespace, no resources to set up, deletion, and cloning by copy.
+template <typename Derived>
+class PluginBase : public nvinfer1::IPluginV2DynamicExt
+{
+public:
+    nvinfer1::AsciiChar const* getPluginType() const noexcept override
+    {
+        return Derived::kName;
+    }
+
+    nvinfer1::AsciiChar const* getPluginVersion() const noexcept override
+    {
+        return Derived::kVersion;
+    }
+
+    int32_t initialize() noexcept override
+    {
+        return 0;
+    }
+
+    void terminate() noexcept override {}
+
+    void destroy() noexcept override
+    {
+        delete static_cast<Derived*>(this);
+    }
+
+    void setPluginNamespace(nvinfer1::AsciiChar const* pluginNamespace) noexcept override
+    {
+        try
+        {
+            mNamespace = pluginNamespace == nullptr ? "" : pluginNamespace;
+        }
+        catch (...)
+        {
+            reportError(Derived::kName, "out of memory setting the namespace");
+        }
+    }
+
+    nvinfer1::AsciiChar const* getPluginNamespace() const noexcept override
+    {
+        return mNamespace.c_str();
+    }
+
+    nvinfer1::IPluginV2DynamicExt* clone() const noexcept override
+    {
+        try
+        {
+            return new Derived(static_cast<Derived const&>(*this));
+        }
+        catch (...)
+        {
+            reportError(Derived::kName, "out of memory cloning the plugin");
+            return nullptr;
+        }
+    }
+
+private:
+    std::string mNamespace;
+};
+
+// The creator of `Plugin`: its name and version, and deserialization through Plugin::deserialize
+// (nullptr when the bytes are not a serialized Plugin).
+template <typename Plugin>
+class PluginCreatorOf : public PluginCreatorBase
+{
+public:
+    static constexpr char const* kName = Plugin::kName; // for the creators' error reports
+
+    nvinfer1::AsciiChar const* getPluginName() const noexcept override
+    {
+        return Plugin::kName;
+    }
+
+    nvinfer1::AsciiChar const* getPluginVersion() const noexcept override
+    {
+        return Plugin::kVersion;
+    }
+
+    nvinfer1::IPluginV2* deserializePlugin(
+        nvinfer1::AsciiChar const* /*name*/, void const* serialData, size_t serialLength) noexcept override
+    {
+        Plugin* plugin = Plugin::deserialize(serialData, serialLength);
+        if (plugin != nullptr)
+        {
+            plugin->setPluginNamespace(mNamespace.c_str());
+        }
+        return plugin;
+    }
+};
+
 } // namespace plugin
 } // namespace qwen3vl
 

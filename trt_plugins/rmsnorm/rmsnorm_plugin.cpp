@@ -19,8 +19,6 @@ namespace plugin
 namespace
 {
 
-char const* const kName = "Qwen3VLRMSNorm";
-char const* const kVersion = "1";
 int32_t const kSerialFormat = 1; // bumped when the serialized fields change
 
 } // namespace
@@ -47,27 +45,10 @@ RMSNormPlugin* RMSNormPlugin::deserialize(void const* data, size_t length) noexc
     return new (std::nothrow) RMSNormPlugin(epsilon, hasSkip != 0, emitSum != 0);
 }
 
-nvinfer1::AsciiChar const* RMSNormPlugin::getPluginType() const noexcept
-{
-    return kName;
-}
-
-nvinfer1::AsciiChar const* RMSNormPlugin::getPluginVersion() const noexcept
-{
-    return kVersion;
-}
-
 int32_t RMSNormPlugin::getNbOutputs() const noexcept
 {
     return mEmitSum ? 2 : 1;
 }
-
-int32_t RMSNormPlugin::initialize() noexcept
-{
-    return 0;
-}
-
-void RMSNormPlugin::terminate() noexcept {}
 
 size_t RMSNormPlugin::getSerializationSize() const noexcept
 {
@@ -83,46 +64,10 @@ void RMSNormPlugin::serialize(void* buffer) const noexcept
     writer.write(static_cast<int32_t>(mEmitSum));
 }
 
-void RMSNormPlugin::destroy() noexcept
-{
-    delete this;
-}
-
-void RMSNormPlugin::setPluginNamespace(nvinfer1::AsciiChar const* pluginNamespace) noexcept
-{
-    try
-    {
-        mNamespace = pluginNamespace == nullptr ? "" : pluginNamespace;
-    }
-    catch (...)
-    {
-        reportError(kName, "out of memory setting the namespace");
-    }
-}
-
-nvinfer1::AsciiChar const* RMSNormPlugin::getPluginNamespace() const noexcept
-{
-    return mNamespace.c_str();
-}
-
 nvinfer1::DataType RMSNormPlugin::getOutputDataType(
     int32_t /*index*/, nvinfer1::DataType const* inputTypes, int32_t /*nbInputs*/) const noexcept
 {
     return inputTypes[0]; // Y and the sum share X's type
-}
-
-nvinfer1::IPluginV2DynamicExt* RMSNormPlugin::clone() const noexcept
-{
-    try
-    {
-        auto* copy = new RMSNormPlugin(*this);
-        return copy;
-    }
-    catch (...)
-    {
-        reportError(kName, "out of memory cloning the plugin");
-        return nullptr;
-    }
 }
 
 nvinfer1::DimsExprs RMSNormPlugin::getOutputDimensions(int32_t /*outputIndex*/, nvinfer1::DimsExprs const* inputs,
@@ -195,16 +140,6 @@ RMSNormPluginCreator::RMSNormPluginCreator()
     addField("emit_sum", nvinfer1::PluginFieldType::kINT32);
 }
 
-nvinfer1::AsciiChar const* RMSNormPluginCreator::getPluginName() const noexcept
-{
-    return kName;
-}
-
-nvinfer1::AsciiChar const* RMSNormPluginCreator::getPluginVersion() const noexcept
-{
-    return kVersion;
-}
-
 nvinfer1::IPluginV2* RMSNormPluginCreator::createPlugin(
     nvinfer1::AsciiChar const* /*name*/, nvinfer1::PluginFieldCollection const* fc) noexcept
 {
@@ -225,17 +160,6 @@ nvinfer1::IPluginV2* RMSNormPluginCreator::createPlugin(
         return nullptr;
     }
     auto* plugin = new (std::nothrow) RMSNormPlugin(static_cast<float>(epsilon), hasSkip == 1, emitSum == 1);
-    if (plugin != nullptr)
-    {
-        plugin->setPluginNamespace(mNamespace.c_str());
-    }
-    return plugin;
-}
-
-nvinfer1::IPluginV2* RMSNormPluginCreator::deserializePlugin(
-    nvinfer1::AsciiChar const* /*name*/, void const* serialData, size_t serialLength) noexcept
-{
-    RMSNormPlugin* plugin = RMSNormPlugin::deserialize(serialData, serialLength);
     if (plugin != nullptr)
     {
         plugin->setPluginNamespace(mNamespace.c_str());

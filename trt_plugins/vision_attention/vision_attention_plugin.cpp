@@ -20,8 +20,6 @@ namespace plugin
 namespace
 {
 
-char const* const kName = "Qwen3VLVisionAttention";
-char const* const kVersion = "1";
 int32_t const kSerialFormat = 1; // bumped when the serialized fields change
 
 enum Input : int32_t
@@ -64,27 +62,10 @@ VisionAttentionPlugin* VisionAttentionPlugin::deserialize(void const* data, size
     return new (std::nothrow) VisionAttentionPlugin(numHeads, headDim, scale);
 }
 
-nvinfer1::AsciiChar const* VisionAttentionPlugin::getPluginType() const noexcept
-{
-    return kName;
-}
-
-nvinfer1::AsciiChar const* VisionAttentionPlugin::getPluginVersion() const noexcept
-{
-    return kVersion;
-}
-
 int32_t VisionAttentionPlugin::getNbOutputs() const noexcept
 {
     return 1;
 }
-
-int32_t VisionAttentionPlugin::initialize() noexcept
-{
-    return 0;
-}
-
-void VisionAttentionPlugin::terminate() noexcept {}
 
 size_t VisionAttentionPlugin::getSerializationSize() const noexcept
 {
@@ -100,45 +81,10 @@ void VisionAttentionPlugin::serialize(void* buffer) const noexcept
     writer.write(mScale);
 }
 
-void VisionAttentionPlugin::destroy() noexcept
-{
-    delete this;
-}
-
-void VisionAttentionPlugin::setPluginNamespace(nvinfer1::AsciiChar const* pluginNamespace) noexcept
-{
-    try
-    {
-        mNamespace = pluginNamespace == nullptr ? "" : pluginNamespace;
-    }
-    catch (...)
-    {
-        reportError(kName, "out of memory setting the namespace");
-    }
-}
-
-nvinfer1::AsciiChar const* VisionAttentionPlugin::getPluginNamespace() const noexcept
-{
-    return mNamespace.c_str();
-}
-
 nvinfer1::DataType VisionAttentionPlugin::getOutputDataType(
     int32_t /*index*/, nvinfer1::DataType const* inputTypes, int32_t /*nbInputs*/) const noexcept
 {
     return inputTypes[kQ];
-}
-
-nvinfer1::IPluginV2DynamicExt* VisionAttentionPlugin::clone() const noexcept
-{
-    try
-    {
-        return new VisionAttentionPlugin(*this);
-    }
-    catch (...)
-    {
-        reportError(kName, "out of memory cloning the plugin");
-        return nullptr;
-    }
 }
 
 nvinfer1::DimsExprs VisionAttentionPlugin::getOutputDimensions(int32_t /*outputIndex*/,
@@ -223,16 +169,6 @@ VisionAttentionPluginCreator::VisionAttentionPluginCreator()
     addField("scale", nvinfer1::PluginFieldType::kFLOAT32);
 }
 
-nvinfer1::AsciiChar const* VisionAttentionPluginCreator::getPluginName() const noexcept
-{
-    return kName;
-}
-
-nvinfer1::AsciiChar const* VisionAttentionPluginCreator::getPluginVersion() const noexcept
-{
-    return kVersion;
-}
-
 nvinfer1::IPluginV2* VisionAttentionPluginCreator::createPlugin(
     nvinfer1::AsciiChar const* /*name*/, nvinfer1::PluginFieldCollection const* fc) noexcept
 {
@@ -262,17 +198,6 @@ nvinfer1::IPluginV2* VisionAttentionPluginCreator::createPlugin(
     }
     auto* plugin = new (std::nothrow)
         VisionAttentionPlugin(static_cast<int32_t>(numHeads), static_cast<int32_t>(headDim), static_cast<float>(scale));
-    if (plugin != nullptr)
-    {
-        plugin->setPluginNamespace(mNamespace.c_str());
-    }
-    return plugin;
-}
-
-nvinfer1::IPluginV2* VisionAttentionPluginCreator::deserializePlugin(
-    nvinfer1::AsciiChar const* /*name*/, void const* serialData, size_t serialLength) noexcept
-{
-    VisionAttentionPlugin* plugin = VisionAttentionPlugin::deserialize(serialData, serialLength);
     if (plugin != nullptr)
     {
         plugin->setPluginNamespace(mNamespace.c_str());

@@ -13,32 +13,27 @@ namespace qwen3vl
 namespace plugin
 {
 
-class VisionAttentionPlugin final : public nvinfer1::IPluginV2DynamicExt
+class VisionAttentionPlugin final : public PluginBase<VisionAttentionPlugin>
 {
 public:
+    static constexpr char const* kName = "Qwen3VLVisionAttention";
+    static constexpr char const* kVersion = "1";
+
     VisionAttentionPlugin(int32_t numHeads, int32_t headDim, float scale) noexcept;
 
     // nullptr (and a report) when the bytes are not a serialized VisionAttentionPlugin.
     static VisionAttentionPlugin* deserialize(void const* data, size_t length) noexcept;
 
     // IPluginV2
-    nvinfer1::AsciiChar const* getPluginType() const noexcept override;
-    nvinfer1::AsciiChar const* getPluginVersion() const noexcept override;
     int32_t getNbOutputs() const noexcept override;
-    int32_t initialize() noexcept override;
-    void terminate() noexcept override;
     size_t getSerializationSize() const noexcept override;
     void serialize(void* buffer) const noexcept override;
-    void destroy() noexcept override;
-    void setPluginNamespace(nvinfer1::AsciiChar const* pluginNamespace) noexcept override;
-    nvinfer1::AsciiChar const* getPluginNamespace() const noexcept override;
 
     // IPluginV2Ext
     nvinfer1::DataType getOutputDataType(
         int32_t index, nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
 
     // IPluginV2DynamicExt
-    nvinfer1::IPluginV2DynamicExt* clone() const noexcept override;
     nvinfer1::DimsExprs getOutputDimensions(int32_t outputIndex, nvinfer1::DimsExprs const* inputs, int32_t nbInputs,
         nvinfer1::IExprBuilder& exprBuilder) noexcept override;
     bool supportsFormatCombination(
@@ -54,20 +49,15 @@ private:
     int32_t mNumHeads;
     int32_t mHeadDim;
     float mScale;
-    std::string mNamespace;
 };
 
-class VisionAttentionPluginCreator final : public PluginCreatorBase
+class VisionAttentionPluginCreator final : public PluginCreatorOf<VisionAttentionPlugin>
 {
 public:
     VisionAttentionPluginCreator();
 
-    nvinfer1::AsciiChar const* getPluginName() const noexcept override;
-    nvinfer1::AsciiChar const* getPluginVersion() const noexcept override;
     nvinfer1::IPluginV2* createPlugin(
         nvinfer1::AsciiChar const* name, nvinfer1::PluginFieldCollection const* fc) noexcept override;
-    nvinfer1::IPluginV2* deserializePlugin(
-        nvinfer1::AsciiChar const* name, void const* serialData, size_t serialLength) noexcept override;
 };
 
 } // namespace plugin

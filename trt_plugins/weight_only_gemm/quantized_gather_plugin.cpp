@@ -16,8 +16,6 @@ namespace plugin
 namespace
 {
 
-char const* const kName = "Qwen3VLQuantizedGather";
-char const* const kVersion = "1";
 int32_t const kSerialFormat = 1;
 
 bool isByteTensor(nvinfer1::DataType type)
@@ -54,27 +52,10 @@ QuantizedGatherPlugin* QuantizedGatherPlugin::deserialize(void const* data, size
     return new (std::nothrow) QuantizedGatherPlugin(bits, blockSize, hasZeroPoints != 0);
 }
 
-nvinfer1::AsciiChar const* QuantizedGatherPlugin::getPluginType() const noexcept
-{
-    return kName;
-}
-
-nvinfer1::AsciiChar const* QuantizedGatherPlugin::getPluginVersion() const noexcept
-{
-    return kVersion;
-}
-
 int32_t QuantizedGatherPlugin::getNbOutputs() const noexcept
 {
     return 1;
 }
-
-int32_t QuantizedGatherPlugin::initialize() noexcept
-{
-    return 0;
-}
-
-void QuantizedGatherPlugin::terminate() noexcept {}
 
 size_t QuantizedGatherPlugin::getSerializationSize() const noexcept
 {
@@ -90,46 +71,10 @@ void QuantizedGatherPlugin::serialize(void* buffer) const noexcept
     writer.write(static_cast<int32_t>(mHasZeroPoints));
 }
 
-void QuantizedGatherPlugin::destroy() noexcept
-{
-    delete this;
-}
-
-void QuantizedGatherPlugin::setPluginNamespace(nvinfer1::AsciiChar const* pluginNamespace) noexcept
-{
-    try
-    {
-        mNamespace = pluginNamespace == nullptr ? "" : pluginNamespace;
-    }
-    catch (...)
-    {
-        reportError(kName, "out of memory setting the namespace");
-    }
-}
-
-nvinfer1::AsciiChar const* QuantizedGatherPlugin::getPluginNamespace() const noexcept
-{
-    return mNamespace.c_str();
-}
-
 nvinfer1::DataType QuantizedGatherPlugin::getOutputDataType(
     int32_t /*index*/, nvinfer1::DataType const* inputTypes, int32_t /*nbInputs*/) const noexcept
 {
     return inputTypes[2]; // Y has the scales' type
-}
-
-nvinfer1::IPluginV2DynamicExt* QuantizedGatherPlugin::clone() const noexcept
-{
-    try
-    {
-        auto* copy = new QuantizedGatherPlugin(*this);
-        return copy;
-    }
-    catch (...)
-    {
-        reportError(kName, "out of memory cloning the plugin");
-        return nullptr;
-    }
 }
 
 nvinfer1::DimsExprs QuantizedGatherPlugin::getOutputDimensions(int32_t /*outputIndex*/,
@@ -222,16 +167,6 @@ QuantizedGatherPluginCreator::QuantizedGatherPluginCreator()
     addField("has_zero_points", nvinfer1::PluginFieldType::kINT32);
 }
 
-nvinfer1::AsciiChar const* QuantizedGatherPluginCreator::getPluginName() const noexcept
-{
-    return kName;
-}
-
-nvinfer1::AsciiChar const* QuantizedGatherPluginCreator::getPluginVersion() const noexcept
-{
-    return kVersion;
-}
-
 nvinfer1::IPluginV2* QuantizedGatherPluginCreator::createPlugin(
     nvinfer1::AsciiChar const* /*name*/, nvinfer1::PluginFieldCollection const* fc) noexcept
 {
@@ -253,17 +188,6 @@ nvinfer1::IPluginV2* QuantizedGatherPluginCreator::createPlugin(
     }
     auto* plugin = new (std::nothrow)
         QuantizedGatherPlugin(static_cast<int32_t>(bits), static_cast<int32_t>(blockSize), hasZeroPoints == 1);
-    if (plugin != nullptr)
-    {
-        plugin->setPluginNamespace(mNamespace.c_str());
-    }
-    return plugin;
-}
-
-nvinfer1::IPluginV2* QuantizedGatherPluginCreator::deserializePlugin(
-    nvinfer1::AsciiChar const* /*name*/, void const* serialData, size_t serialLength) noexcept
-{
-    QuantizedGatherPlugin* plugin = QuantizedGatherPlugin::deserialize(serialData, serialLength);
     if (plugin != nullptr)
     {
         plugin->setPluginNamespace(mNamespace.c_str());

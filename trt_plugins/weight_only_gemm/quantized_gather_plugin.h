@@ -12,32 +12,27 @@ namespace qwen3vl
 namespace plugin
 {
 
-class QuantizedGatherPlugin final : public nvinfer1::IPluginV2DynamicExt
+class QuantizedGatherPlugin final : public PluginBase<QuantizedGatherPlugin>
 {
 public:
+    static constexpr char const* kName = "Qwen3VLQuantizedGather";
+    static constexpr char const* kVersion = "1";
+
     QuantizedGatherPlugin(int32_t bits, int32_t blockSize, bool hasZeroPoints) noexcept;
 
     // nullptr (and a report) when the bytes are not a serialized QuantizedGatherPlugin.
     static QuantizedGatherPlugin* deserialize(void const* data, size_t length) noexcept;
 
     // IPluginV2
-    nvinfer1::AsciiChar const* getPluginType() const noexcept override;
-    nvinfer1::AsciiChar const* getPluginVersion() const noexcept override;
     int32_t getNbOutputs() const noexcept override;
-    int32_t initialize() noexcept override;
-    void terminate() noexcept override;
     size_t getSerializationSize() const noexcept override;
     void serialize(void* buffer) const noexcept override;
-    void destroy() noexcept override;
-    void setPluginNamespace(nvinfer1::AsciiChar const* pluginNamespace) noexcept override;
-    nvinfer1::AsciiChar const* getPluginNamespace() const noexcept override;
 
     // IPluginV2Ext
     nvinfer1::DataType getOutputDataType(
         int32_t index, nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
 
     // IPluginV2DynamicExt
-    nvinfer1::IPluginV2DynamicExt* clone() const noexcept override;
     nvinfer1::DimsExprs getOutputDimensions(int32_t outputIndex, nvinfer1::DimsExprs const* inputs, int32_t nbInputs,
         nvinfer1::IExprBuilder& exprBuilder) noexcept override;
     bool supportsFormatCombination(
@@ -58,20 +53,15 @@ private:
     int32_t mBits;
     int32_t mBlockSize;
     bool mHasZeroPoints;
-    std::string mNamespace;
 };
 
-class QuantizedGatherPluginCreator final : public PluginCreatorBase
+class QuantizedGatherPluginCreator final : public PluginCreatorOf<QuantizedGatherPlugin>
 {
 public:
     QuantizedGatherPluginCreator();
 
-    nvinfer1::AsciiChar const* getPluginName() const noexcept override;
-    nvinfer1::AsciiChar const* getPluginVersion() const noexcept override;
     nvinfer1::IPluginV2* createPlugin(
         nvinfer1::AsciiChar const* name, nvinfer1::PluginFieldCollection const* fc) noexcept override;
-    nvinfer1::IPluginV2* deserializePlugin(
-        nvinfer1::AsciiChar const* name, void const* serialData, size_t serialLength) noexcept override;
 };
 
 } // namespace plugin

@@ -16,8 +16,6 @@ namespace plugin
 namespace
 {
 
-char const* const kName = "Qwen3VLWeightOnlyGemm";
-char const* const kVersion = "1";
 int32_t const kSerialFormat = 1;
 size_t const kWorkspaceAlignment = 256; // what the kernel asks of its workspace
 
@@ -73,27 +71,10 @@ WeightOnlyGemmPlugin* WeightOnlyGemmPlugin::deserialize(void const* data, size_t
     return new (std::nothrow) WeightOnlyGemmPlugin(a);
 }
 
-nvinfer1::AsciiChar const* WeightOnlyGemmPlugin::getPluginType() const noexcept
-{
-    return kName;
-}
-
-nvinfer1::AsciiChar const* WeightOnlyGemmPlugin::getPluginVersion() const noexcept
-{
-    return kVersion;
-}
-
 int32_t WeightOnlyGemmPlugin::getNbOutputs() const noexcept
 {
     return 1;
 }
-
-int32_t WeightOnlyGemmPlugin::initialize() noexcept
-{
-    return 0;
-}
-
-void WeightOnlyGemmPlugin::terminate() noexcept {}
 
 size_t WeightOnlyGemmPlugin::getSerializationSize() const noexcept
 {
@@ -113,46 +94,10 @@ void WeightOnlyGemmPlugin::serialize(void* buffer) const noexcept
     writer.write(static_cast<int32_t>(mAttributes.hasBias));
 }
 
-void WeightOnlyGemmPlugin::destroy() noexcept
-{
-    delete this;
-}
-
-void WeightOnlyGemmPlugin::setPluginNamespace(nvinfer1::AsciiChar const* pluginNamespace) noexcept
-{
-    try
-    {
-        mNamespace = pluginNamespace == nullptr ? "" : pluginNamespace;
-    }
-    catch (...)
-    {
-        reportError(kName, "out of memory setting the namespace");
-    }
-}
-
-nvinfer1::AsciiChar const* WeightOnlyGemmPlugin::getPluginNamespace() const noexcept
-{
-    return mNamespace.c_str();
-}
-
 nvinfer1::DataType WeightOnlyGemmPlugin::getOutputDataType(
     int32_t /*index*/, nvinfer1::DataType const* inputTypes, int32_t /*nbInputs*/) const noexcept
 {
     return inputTypes[0]; // Y has A's type
-}
-
-nvinfer1::IPluginV2DynamicExt* WeightOnlyGemmPlugin::clone() const noexcept
-{
-    try
-    {
-        auto* copy = new WeightOnlyGemmPlugin(*this);
-        return copy;
-    }
-    catch (...)
-    {
-        reportError(kName, "out of memory cloning the plugin");
-        return nullptr;
-    }
 }
 
 nvinfer1::DimsExprs WeightOnlyGemmPlugin::getOutputDimensions(int32_t /*outputIndex*/,
@@ -274,16 +219,6 @@ WeightOnlyGemmPluginCreator::WeightOnlyGemmPluginCreator()
     }
 }
 
-nvinfer1::AsciiChar const* WeightOnlyGemmPluginCreator::getPluginName() const noexcept
-{
-    return kName;
-}
-
-nvinfer1::AsciiChar const* WeightOnlyGemmPluginCreator::getPluginVersion() const noexcept
-{
-    return kVersion;
-}
-
 nvinfer1::IPluginV2* WeightOnlyGemmPluginCreator::createPlugin(
     nvinfer1::AsciiChar const* /*name*/, nvinfer1::PluginFieldCollection const* fc) noexcept
 {
@@ -323,17 +258,6 @@ nvinfer1::IPluginV2* WeightOnlyGemmPluginCreator::createPlugin(
         return nullptr;
     }
     auto* plugin = new (std::nothrow) WeightOnlyGemmPlugin(attributes);
-    if (plugin != nullptr)
-    {
-        plugin->setPluginNamespace(mNamespace.c_str());
-    }
-    return plugin;
-}
-
-nvinfer1::IPluginV2* WeightOnlyGemmPluginCreator::deserializePlugin(
-    nvinfer1::AsciiChar const* /*name*/, void const* serialData, size_t serialLength) noexcept
-{
-    WeightOnlyGemmPlugin* plugin = WeightOnlyGemmPlugin::deserialize(serialData, serialLength);
     if (plugin != nullptr)
     {
         plugin->setPluginNamespace(mNamespace.c_str());
