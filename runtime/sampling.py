@@ -47,8 +47,10 @@ def next_tokens(logits: np.ndarray, config: SamplingConfig, rng: np.random.Gener
     choices = []
     for row in scaled:
         if config.top_k and config.top_k < row.size:
-            # The k largest without sorting the whole vocabulary (~10 ms a step for 152k logits).
-            candidates = np.argpartition(-row, config.top_k - 1)[: config.top_k]
+            # The k largest without sorting the whole vocabulary (~10 ms a step for 152k logits), and
+            # every token tied with the k-th: transformers' TopKLogitsWarper removes only smaller ones.
+            kth_largest = np.partition(row, row.size - config.top_k)[row.size - config.top_k]
+            candidates = np.flatnonzero(row >= kth_largest)
             order = candidates[np.lexsort((candidates, -row[candidates]))]  # by value, ties by id
         else:
             order = np.argsort(-row, kind="stable")
