@@ -1,1 +1,1 @@
-"""Traces model_src to ONNX and builds engines (lands with the export issue)."""
+"""Traces model_src to ONNX and builds engine folders."""

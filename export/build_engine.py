@@ -29,20 +29,11 @@ from runtime.errors import CheckpointError, Qwen3VLError
 from runtime.image_processing import ImageProcessorSettings
 from runtime.prompt import load_chat_template
 
-from graph_passes.driver import save_atomically
-from graph_passes.fuse_rmsnorm import fuse_rmsnorm
-from graph_passes.quantize_dynamic_int8 import dynamic_int8_weights
-from graph_passes.quantize_weights import compact_external_data, external_data_files, quantize_weights
-from graph_passes.trt_attention import trt_attention
-from graph_passes.trt_rmsnorm import trt_rmsnorm
-from graph_passes.trt_vision_attention import trt_vision_attention
-from graph_passes.trt_weight_gemm import trt_weight_gemm
+from graph_passes.pass_runner import TRT_PASSES, ort_passes, run_passes
 
 from .decoder_graph import export_decoder
 from .stand_in_weights import attach_weights, use_stand_in_parameters
 from .vision_graph import export_vision
-
-TRT_PASSES = (trt_attention, trt_rmsnorm, trt_weight_gemm, trt_vision_attention)
 
 # Graph dtype of each precision; int8/int4 keep fp32 activations with weight-only quantized linears.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
@@ -102,8 +93,7 @@ def build_engine(
             _export_part(part, export, config, checkpoint_dir, staging, dtype, progress)
             passes = []
             if apply_graph_passes:
-                passes = graph_passes_for(part, precision, block_size, symmetric, accuracy_level, vision_precision,
-                                          backend)
+                passes = ort_passes(part, precision, block_size, symmetric, accuracy_level, vision_precision, backend)
             applied += [f"{part}:{name}" for name in _apply_passes(part, staging, passes, progress)]
             if backend == "trt":
                 applied += [f"{part}.trt:{name}" for name in _write_trt_graph(part, staging, progress)]
@@ -176,54 +166,16 @@ def _export_part(part, export, config, checkpoint_dir, staging, dtype, progress)
     progress(f"{part}: done in {time.perf_counter() - start:.1f} s")
 
 
-def graph_passes_for(part: str, precision: str, block_size: int, symmetric: bool, accuracy_level: int,
-                     vision_precision: str = "fp32", backend: str = "ort") -> list:
-    """The ONNX Runtime target's passes for one graph (the decoder's attention is fused at export)."""
-    if part == "vision":
-        if vision_precision != "int8":
-            return []
-        if backend == "trt":
-            # The TensorRT graph is derived from this one and shares its weights: weight-only INT8 in
-            # the layout the weight-only GEMM plugin reads.
-            return [quantize_weights(bits=8, block_size=block_size, symmetric=symmetric,
-                                     accuracy_level=accuracy_level, include_embedding=False)]
-        # Compute-bound: INT8 weights *and* INT8 compute (ONNX Runtime's integer GEMM), ~2x its FP32
-        # GEMM on AVX2, where weight-only INT8 (MatMulNBits) was slower than FP32.
-        return [dynamic_int8_weights()]
-    passes = [fuse_rmsnorm]
-    if precision in ("int8", "int4"):
-        # Decoder linears and the tied embedding at the chosen width.
-        passes.append(quantize_weights(bits=4 if precision == "int4" else 8, block_size=block_size,
-                                       symmetric=symmetric, accuracy_level=accuracy_level, include_embedding=True))
-    return passes
-
-
 def _apply_passes(part: str, staging: Path, passes: list, progress) -> list[str]:
-    if not passes:
-        return []
-    path = staging / f"{part}.onnx"
-    model = onnx.load(str(path), load_external_data=False)
-    changed = []
-    for graph_pass in passes:
-        start = time.perf_counter()
-        if graph_pass(model, staging):
-            changed.append(graph_pass.name)
-            progress(f"{part}: {graph_pass.name} in {time.perf_counter() - start:.1f} s")
-    if changed:
-        if external_data_files(model) != {f"{part}.onnx.data"}:
-            # Quantization wrote a new file and left the replaced float weights in the old one.
-            compact_external_data(model, staging, data_name=f"{part}.onnx.data")
-        save_atomically(model, path)
-    return changed
+    def report(name: str, seconds: float) -> None:
+        progress(f"{part}: {name} in {seconds:.1f} s")
+
+    return run_passes(staging / f"{part}.onnx", passes, on_pass=report)
 
 
 def _write_trt_graph(part: str, staging: Path, progress) -> list[str]:
     """`<part>.trt.onnx`: the ONNX Runtime graph with fused nodes turned into plugin nodes."""
-    model = onnx.load(str(staging / f"{part}.onnx"), load_external_data=False)
-    changed = [p.name for p in TRT_PASSES if p(model, staging)]
-    if external_data_files(model) - {f"{part}.onnx.data"}:
-        raise Qwen3VLError(f"{part}: a TensorRT pass wrote weights of its own; the graphs must share one file")
-    save_atomically(model, staging / f"{part}.trt.onnx")
+    changed = run_passes(staging / f"{part}.onnx", TRT_PASSES, out_path=staging / f"{part}.trt.onnx")
     progress(f"{part}: TensorRT graph with {', '.join(changed) or 'no plugin nodes'}")
     return changed
 

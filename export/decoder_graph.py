@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,7 +80,3 @@ def export_decoder(model: Qwen3VL, path: Path, dtype: torch.dtype) -> dict[str, 
             output_names=[*DECODER_OUTPUTS, *present_names(layers)], dynamic_axes=dynamic_axes,
         )
     return {name: name for name, _ in step.named_parameters()}
-
-
-def opset_imports() -> list[onnx.OperatorSetIdProto]:
-    return [onnx.helper.make_opsetid("", OPSET), onnx.helper.make_opsetid("com.microsoft", 1)]

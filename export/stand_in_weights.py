@@ -16,22 +16,18 @@ import numpy as np
 import onnx
 import torch
 
+from graph_passes.external_data import append_tensor
 from model_src.checkpoint import checkpoint_name, iter_tensors, weight_files
 from runtime.errors import CheckpointError
 
-_ALIGN = 4096  # external data offsets aligned for memory mapping
 
-
-def use_stand_in_parameters(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, tuple[int, ...]]:
-    """Replaces every parameter by a storage-free stand-in; returns name -> shape."""
-    shapes = {}
+def use_stand_in_parameters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Replaces every parameter by a storage-free stand-in of its shape and `dtype`."""
     for index, (name, param) in enumerate(list(module.named_parameters())):
         owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
         # A distinct value each: the exporter merges parameters that compare equal.
         stand_in = torch.full((), index + 1, dtype=dtype).expand(param.shape)
         setattr(owner, name.rsplit(".", 1)[-1], torch.nn.Parameter(stand_in, requires_grad=False))
-        shapes[name] = tuple(param.shape)
-    return shapes
 
 
 def _numpy_dtype(dtype: torch.dtype):
@@ -56,7 +52,7 @@ def attach_weights(
             consumers.setdefault(name, []).append(node)
 
     files = weight_files(checkpoint_dir)
-    by_checkpoint = {_checkpoint_key(param_names[name]): name for name in weight_inputs}
+    by_checkpoint = {checkpoint_name(param_names[name]): name for name in weight_inputs}
     missing = [key for key in by_checkpoint if key not in files]
     if missing:
         raise CheckpointError(f"{checkpoint_dir}: missing tensor {missing[0]}")
@@ -76,7 +72,7 @@ def attach_weights(
                 for node in users:
                     removed_nodes.add(id(node))
                     _rename_input(graph, node.output[0], input_name)
-            initializers.append(_external_tensor(input_name, array.astype(np_dtype), data, data_path.name))
+            initializers.append(append_tensor(data, array.astype(np_dtype), input_name, data_path.name))
             progress(count, len(by_checkpoint))
             del array, tensor
 
@@ -87,10 +83,6 @@ def attach_weights(
     del graph.input[:]
     graph.input.extend(kept_inputs)
     graph.initializer.extend(initializers)
-
-
-def _checkpoint_key(param_name: str) -> str:
-    return checkpoint_name(param_name)
 
 
 def _is_plain_transpose(node: onnx.NodeProto) -> bool:
@@ -105,19 +97,3 @@ def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
-
-
-def _external_tensor(name: str, array: np.ndarray, data, location: str) -> onnx.TensorProto:
-    pad = (-data.tell()) % _ALIGN
-    data.write(b"\0" * pad)
-    offset = data.tell()
-    data.write(array.tobytes())
-    tensor = onnx.TensorProto()
-    tensor.name = name
-    tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-    tensor.dims.extend(array.shape)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    return tensor

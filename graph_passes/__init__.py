@@ -1,1 +1,2 @@
-"""onnx-graphsurgeon rewrites that insert fused nodes (lands with the graph-passes issue)."""
+"""onnx-graphsurgeon rewrites of the exported graphs: fused nodes for ONNX Runtime, weight quantization,
+and TensorRT plugin nodes (pass_runner.py runs them)."""

@@ -17,14 +17,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx.external_data_helper import uses_external_data
 
-from .driver import export_graph, import_graph
+from .onnx_helpers import (FLOAT_TYPES, MS_DOMAIN, constant, constant_array, export_graph, import_graph,
+                           is_graph_output, is_node, producer, scalar, tensor_types)
 
-MS_DOMAIN = "com.microsoft"
 FLOAT = onnx.TensorProto.FLOAT
-# Storage types both fused ops run with on ONNX Runtime CPU (and that the plugin implements).
-STORAGE_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 # ORT's SkipSimplifiedLayerNormalization takes (tokens, hidden) or (batch, sequence, hidden) only.
 SKIP_RANKS = (2, 3)
 
@@ -33,7 +30,7 @@ class FuseRMSNorm:
     name = "fuse_rmsnorm"
 
     def __call__(self, model: onnx.ModelProto, folder: Path) -> bool:
-        types = _tensor_types(model)
+        types = tensor_types(model)
         graph = import_graph(model)
         norms = sum(_fuse_norm(graph, node, types) for node in list(graph.nodes))
         graph.cleanup()  # drop the unfused nodes, so only live readers count below
@@ -49,33 +46,33 @@ fuse_rmsnorm = FuseRMSNorm()
 
 def _fuse_norm(graph: gs.Graph, mul: gs.Node, types: dict) -> bool:
     """Replaces the RMSNorm ending at `mul` (if it is one) by SimplifiedLayerNormalization."""
-    if not _is(mul, "Mul"):
+    if not is_node(mul, "Mul"):
         return False
     weight, normed = _split_weight(mul)
     if weight is None:
         return False
-    cast_back = _producer(normed, "Cast")
-    times = _producer(cast_back.inputs[0] if cast_back else normed, "Mul")
+    cast_back = producer(normed, "Cast")
+    times = producer(cast_back.inputs[0] if cast_back else normed, "Mul")
     if times is None:
         return False
     for x32, inv in (times.inputs, times.inputs[::-1]):
-        div = _producer(inv, "Div")
-        if div is not None and _scalar(div.inputs[0]) == 1.0:
+        div = producer(inv, "Div")
+        if div is not None and scalar(div.inputs[0]) == 1.0:
             break
     else:
         return False
-    sqrt = _producer(div.inputs[1], "Sqrt")
-    add = sqrt and _producer(sqrt.inputs[0], "Add")
+    sqrt = producer(div.inputs[1], "Sqrt")
+    add = sqrt and producer(sqrt.inputs[0], "Add")
     if add is None:
         return False
     for mean_of_squares, eps in (add.inputs, add.inputs[::-1]):
-        mean, epsilon = _producer(mean_of_squares, "ReduceMean"), _scalar(eps)
+        mean, epsilon = producer(mean_of_squares, "ReduceMean"), scalar(eps)
         if mean is not None and epsilon is not None:
             break
     else:
         return False
-    square = _producer(mean.inputs[0], "Pow")
-    if square is None or square.inputs[0] is not x32 or _scalar(square.inputs[1]) != 2.0:
+    square = producer(mean.inputs[0], "Pow")
+    if square is None or square.inputs[0] is not x32 or scalar(square.inputs[1]) != 2.0:
         return False
     if not _reduces_last_axis(mean, types.get(x32.name)):
         return False
@@ -83,18 +80,18 @@ def _fuse_norm(graph: gs.Graph, mul: gs.Node, types: dict) -> bool:
     if not all(_feeds_only(a.outputs[0], b, graph) for a, b in zip(chain, chain[1:])):
         return False
 
-    upcast = _producer(x32, "Cast")
+    upcast = producer(x32, "Cast")
     if upcast is not None and upcast.attrs.get("to") != FLOAT:
         upcast = None
     x = upcast.inputs[0] if upcast else x32
     # RMSNorm casts back to x's own type; the fused node takes x, weight and output in that one type.
     dtype = cast_back.attrs.get("to") if cast_back else _elem_type(types, x32.name)
-    if dtype not in STORAGE_TYPES or _elem_type(types, x.name, dtype) != dtype:
+    if dtype not in FLOAT_TYPES or _elem_type(types, x.name, dtype) != dtype:
         return False
     if np.dtype(weight.dtype) != onnx.helper.tensor_dtype_to_np_dtype(dtype):
         return False
 
-    if upcast is not None and dtype == FLOAT and not _is_graph_output(x32, graph):
+    if upcast is not None and dtype == FLOAT and not is_graph_output(x32, graph):
         # A float32 -> float32 Cast is a copy; its other readers (the residual add) read x itself,
         # which exposes the Add -> norm edge that the residual fusion looks for.
         for reader in list(x32.outputs):
@@ -113,15 +110,15 @@ def _fuse_norm(graph: gs.Graph, mul: gs.Node, types: dict) -> bool:
 
 def _fuse_residual(graph: gs.Graph, norm: gs.Node, types: dict) -> bool:
     """Folds an `Add(a, b)` that feeds `norm` into SkipSimplifiedLayerNormalization(a, b, weight)."""
-    if not _is(norm, "SimplifiedLayerNormalization") or len(norm.outputs) != 1:
+    if not is_node(norm, "SimplifiedLayerNormalization") or len(norm.outputs) != 1:
         return False
     x, weight = norm.inputs[:2]
-    add = _producer(x, "Add")
-    if add is None or any(_constant(t) is not None for t in add.inputs):
+    add = producer(x, "Add")
+    if add is None or any(constant(t) is not None for t in add.inputs):
         return False
     a, b = add.inputs
     dtype = _elem_type(types, x.name)
-    if dtype not in STORAGE_TYPES or any(_elem_type(types, t.name) != dtype for t in (a, b)):
+    if dtype not in FLOAT_TYPES or any(_elem_type(types, t.name) != dtype for t in (a, b)):
         return False
     shape = types[x.name][1]
     if shape is None or len(shape) not in SKIP_RANKS or norm.attrs.get("axis", -1) not in (-1, len(shape) - 1):
@@ -134,7 +131,7 @@ def _fuse_residual(graph: gs.Graph, norm: gs.Node, types: dict) -> bool:
     norm.outputs.clear()
     add.outputs.clear()
     # The sum is an output only when something besides the norm reads it (the next residual add).
-    keeps_sum = len(x.outputs) > 0 or _is_graph_output(x, graph)
+    keeps_sum = len(x.outputs) > 0 or is_graph_output(x, graph)
     outputs = [out, gs.Variable.empty(), gs.Variable.empty(), x] if keeps_sum else [out]
     graph.nodes.append(gs.Node(
         "SkipSimplifiedLayerNormalization", domain=MS_DOMAIN,
@@ -145,22 +142,8 @@ def _fuse_residual(graph: gs.Graph, norm: gs.Node, types: dict) -> bool:
     return True
 
 
-def _is(node: gs.Node, op: str) -> bool:
-    return node.op == op and node.domain in (None, "", "ai.onnx")
-
-
-def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and _is(tensor.inputs[0], op):
-        return tensor.inputs[0]
-    return None
-
-
 def _feeds_only(tensor: gs.Tensor, reader: gs.Node, graph: gs.Graph) -> bool:
-    return len(tensor.outputs) == 1 and tensor.outputs[0] is reader and not _is_graph_output(tensor, graph)
-
-
-def _is_graph_output(tensor: gs.Tensor, graph: gs.Graph) -> bool:
-    return any(t is tensor for t in graph.outputs)
+    return len(tensor.outputs) == 1 and tensor.outputs[0] is reader and not is_graph_output(tensor, graph)
 
 
 def _split_weight(mul: gs.Node) -> tuple[gs.Constant | None, gs.Tensor | None]:
@@ -172,31 +155,11 @@ def _split_weight(mul: gs.Node) -> tuple[gs.Constant | None, gs.Tensor | None]:
     return None, None
 
 
-def _constant(tensor: gs.Tensor) -> gs.Constant | None:
-    """An initializer, or the value of a Constant node."""
-    if isinstance(tensor, gs.Constant):
-        return tensor
-    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        value = tensor.inputs[0].attrs.get("value")
-        return value if isinstance(value, gs.Constant) else None
-    return None
-
-
-def _scalar(tensor: gs.Tensor) -> float | None:
-    constant = _constant(tensor)
-    if constant is None or int(np.prod(constant.shape)) != 1:
-        return None
-    proto = getattr(constant._values, "tensor", None)  # graphsurgeon's lazy value keeps the TensorProto
-    if proto is not None and uses_external_data(proto):
-        return None  # its bytes live in `folder`; the exporter writes pattern constants inline anyway
-    return float(np.asarray(constant.values).reshape(()))
-
-
 def _reduces_last_axis(mean: gs.Node, x32_type: tuple | None) -> bool:
     axes = mean.attrs.get("axes")
     if axes is None and len(mean.inputs) > 1:  # opset 18+: axes is an input
-        constant = _constant(mean.inputs[1])
-        axes = None if constant is None else np.asarray(constant.values).ravel().tolist()
+        values = constant_array(mean.inputs[1])
+        axes = None if values is None else values.ravel().tolist()
     if axes is None or len(axes) != 1 or mean.attrs.get("keepdims", 1) != 1:
         return False
     rank = None if x32_type is None or x32_type[1] is None else len(x32_type[1])
@@ -216,21 +179,3 @@ def _same_shape(a: tuple | None, b: tuple) -> bool:
     """Same rank and no two known dimensions that differ (symbolic ones cannot be compared)."""
     return a is not None and len(a) == len(b) and all(
         not (isinstance(p, int) and isinstance(q, int) and p != q) for p, q in zip(a, b))
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
-    """Element type and shape (int, symbolic name or None per dimension) of every tensor that ONNX
-    shape inference reaches. It reads initializer headers only, and passes GroupQueryAttention
-    because the exporter recorded that node's output types."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    found = {}
-    for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        tensor_type = info.type.tensor_type
-        if not tensor_type.elem_type:
-            continue
-        shape = None
-        if tensor_type.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                          for d in tensor_type.shape.dim)
-        found[info.name] = (tensor_type.elem_type, shape)
-    return found

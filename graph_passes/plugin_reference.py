@@ -23,7 +23,8 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from .trt_rmsnorm import MS_DOMAIN, PLUGIN_DOMAIN
+from .onnx_helpers import MS_DOMAIN, PLUGIN_DOMAIN
+
 F32 = np.float32
 
 

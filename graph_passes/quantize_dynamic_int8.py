@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
-from .quantize_weights import MS_DOMAIN, QuantizeWeights, _append, _external, _Stored, _unique, _Use
+from .external_data import append_tensor
+from .onnx_helpers import MS_DOMAIN, unique_name
+from .quantize_weights import QuantizeWeights, _Stored, _Use
 
 WEIGHT_LEVELS = 63  # largest code magnitude; see the module docstring
 _CHUNK_BYTES = 64 << 20
@@ -67,17 +69,14 @@ class DynamicInt8Weights(QuantizeWeights):
             raise ValueError(f"{name}: DynamicQuantizeMatMul needs float32 activations, the weight is {source.dtype}")
         codes, scales = quantize_columns(source, rows=layout == "nk")
         stored = _Stored(k=codes.shape[0], n=codes.shape[1], block_size=codes.shape[0])
-        stored.quant = _external(_unique(f"{name}.int8", taken), codes.shape, TensorProto.INT8, location,
-                                 _append(out, codes), codes.nbytes)
-        stored.scales = _external(_unique(f"{name}.scales", taken), scales.shape, TensorProto.FLOAT, location,
-                                  _append(out, scales), scales.nbytes)
+        stored.quant = append_tensor(out, codes, unique_name(f"{name}.int8", taken), location)
+        stored.scales = append_tensor(out, scales, unique_name(f"{name}.scales", taken), location)
         return stored
 
-    def _rewrite(self, use: _Use, stored: _Stored, taken: set[str], added: list[TensorProto]):
+    def _rewrite(self, use: _Use, stored: _Stored, taken: set[str], added: list[onnx.TensorProto]):
         node = use.node
         inputs = [node.input[0], stored.need(stored.quant, added), stored.need(stored.scales, added)]
         if use.bias and not use.drop_bias:
             inputs += ["", use.bias]  # the empty slot is the weight's zero point (symmetric: none)
         return [helper.make_node("DynamicQuantizeMatMul", inputs, list(node.output), name=node.name,
                                  domain=MS_DOMAIN)]
-

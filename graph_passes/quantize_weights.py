@@ -19,16 +19,15 @@ chunk of temporaries (2 B decoder: ~1.6 GB peak RSS, 1.2 GB of it the mapped fp3
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-MS_DOMAIN = "com.microsoft"
-_ALIGN = 4096  # external data offsets aligned for memory mapping, as the exporter writes them
+from .external_data import append_array, append_tensor, external_tensor, new_data_file, read_tensor
+from .onnx_helpers import FLOAT_TYPES, MS_DOMAIN, all_names, attribute, drop_unused, unique_name, use_domain
+
 _CHUNK_BYTES = 64 << 20  # float32 bytes quantized per step
 
 
@@ -179,15 +178,15 @@ class QuantizeWeights:
         if not uses:
             return False
 
-        taken = _all_names(graph)
-        location = _fresh_data_name(model, folder, initializers[next(iter(uses))], self.bits)
+        taken = all_names(graph)
+        location = new_data_file(model, folder, initializers[next(iter(uses))], f"int{self.bits}")
         path = folder / location
         replacements: dict[str, list[onnx.NodeProto]] = {}  # by first output
         added: list[TensorProto] = []
         try:
             with open(path, "wb") as out:
                 for name, node_uses in uses.items():
-                    source = _read_tensor(initializers[name], folder)
+                    source = read_tensor(initializers[name], folder)
                     for layout in dict.fromkeys(u.layout for u in node_uses):
                         stored = self._store(source, name, layout, out, location, taken)
                         for use in node_uses:
@@ -203,9 +202,8 @@ class QuantizeWeights:
         graph.node.extend(nodes)
         graph.initializer.extend(added)
         dropped_biases = {u.bias for node_uses in uses.values() for u in node_uses if u.drop_bias}
-        _drop_unused(graph, set(uses) | dropped_biases)
-        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        drop_unused(graph, set(uses) | dropped_biases)
+        use_domain(model, MS_DOMAIN)
         return True
 
     def _find_uses(self, graph, initializers, constants) -> dict[str, list["_Use"]]:
@@ -219,7 +217,7 @@ class QuantizeWeights:
                 weight, use = node.input[1], _Use(node, "kn")
             elif node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in weights:
                 weight, use = node.input[1], _gemm_use(node, initializers, constants)
-            elif node.op_type == "Gather" and node.input[0] in weights and _attr(node, "axis", 0) == 0:
+            elif node.op_type == "Gather" and node.input[0] in weights and attribute(node, "axis", 0) == 0:
                 weight, use = node.input[0], _Use(node, "nk", gather=True)
             else:
                 continue
@@ -240,16 +238,15 @@ class QuantizeWeights:
                                                          rows=rows, scale_dtype=source.dtype)
         n, k_blocks, blob = packed.shape
         stored = _Stored(k=k, n=n, block_size=block_size)
-        offset = _append(out, packed)
-        stored.quant = _external(_unique(f"{name}.quant", taken), packed.shape, TensorProto.UINT8, location,
-                                 offset, packed.nbytes)
-        stored.table = _external(_unique(f"{name}.quant_table", taken), (n, k_blocks * blob), TensorProto.UINT8,
-                                 location, offset, packed.nbytes)  # the same bytes, as GatherBlockQuantized's table
-        stored.scales = _external(_unique(f"{name}.scales", taken), scales.shape, _tensor_type(scales.dtype),
-                                  location, _append(out, scales), scales.nbytes)
+        offset = append_array(out, packed)
+        stored.quant = external_tensor(unique_name(f"{name}.quant", taken), packed.shape, TensorProto.UINT8, location,
+                                       offset, packed.nbytes)
+        # The same bytes, as GatherBlockQuantized's (n, k_blocks * blob) table.
+        stored.table = external_tensor(unique_name(f"{name}.quant_table", taken), (n, k_blocks * blob),
+                                       TensorProto.UINT8, location, offset, packed.nbytes)
+        stored.scales = append_tensor(out, scales, unique_name(f"{name}.scales", taken), location)
         if zero_points is not None:
-            stored.zero_points = _external(_unique(f"{name}.zero_points", taken), zero_points.shape,
-                                           TensorProto.UINT8, location, _append(out, zero_points), zero_points.nbytes)
+            stored.zero_points = append_tensor(out, zero_points, unique_name(f"{name}.zero_points", taken), location)
         return stored
 
     def _rewrite(self, use: "_Use", stored: "_Stored", taken: set[str],
@@ -270,7 +267,7 @@ class QuantizeWeights:
 
         inputs = [stored.need(stored.table, added), node.input[1], scales] + ([zero_points] if zero_points else [])
         padded = stored.k % stored.block_size != 0
-        output = _unique(f"{node.output[0]}_padded", taken) if padded else node.output[0]
+        output = unique_name(f"{node.output[0]}_padded", taken) if padded else node.output[0]
         gather = helper.make_node("GatherBlockQuantized", inputs, [output], name=node.name, domain=MS_DOMAIN,
                                   bits=self.bits, block_size=stored.block_size, gather_axis=0, quantize_axis=1)
         if not padded:
@@ -278,11 +275,11 @@ class QuantizeWeights:
         prefix = node.name or node.output[0]
         bounds = []
         for suffix, value in (("trim_starts", 0), ("trim_ends", stored.k), ("trim_axes", -1)):
-            name = _unique(f"{prefix}_{suffix}", taken)
+            name = unique_name(f"{prefix}_{suffix}", taken)
             added.append(numpy_helper.from_array(np.array([value], dtype=np.int64), name))
             bounds.append(name)
         return [gather, helper.make_node("Slice", [output, *bounds], [node.output[0]],
-                                         name=_unique(f"{prefix}_trim", taken))]
+                                         name=unique_name(f"{prefix}_trim", taken))]
 
 
 class _Use:
@@ -311,16 +308,16 @@ class _Stored:
 
 def _gemm_use(node, initializers, constants) -> _Use | None:
     """A Gemm is a linear layer when it computes x @ W (or W^T) + bias, bias absent, zero or (N,)."""
-    if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
+    if attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0:
         return None
     rows, cols = initializers[node.input[1]].dims
-    layout = "nk" if _attr(node, "transB", 0) else "kn"
+    layout = "nk" if attribute(node, "transB", 0) else "kn"
     out_features = rows if layout == "nk" else cols
     bias = node.input[2] if len(node.input) > 2 else ""
     if not bias:
         return _Use(node, layout)
     if bias in constants:
-        value = _attr(constants[bias], "value", None)
+        value = attribute(constants[bias], "value", None)
         if value is None:
             return None
         value = numpy_helper.to_array(value)
@@ -331,201 +328,10 @@ def _gemm_use(node, initializers, constants) -> _Use | None:
         shape = tuple(initializers[bias].dims)
     else:
         return None  # a computed bias: its shape is not known here
-    if _attr(node, "beta", 1.0) != 1.0 or tuple(shape) != (out_features,):
+    if attribute(node, "beta", 1.0) != 1.0 or tuple(shape) != (out_features,):
         return None
     return _Use(node, layout, bias=bias)
 
 
 def _is_float_matrix(tensor: TensorProto) -> bool:
-    return (len(tensor.dims) == 2 and min(tensor.dims) > 0
-            and tensor.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16))
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _all_names(graph: onnx.GraphProto) -> set[str]:
-    names = {t.name for t in graph.initializer}
-    names |= {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
-    for node in graph.node:
-        names |= {*node.input, *node.output, node.name}
-    return names
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, index = name, 1
-    while candidate in taken:
-        candidate, index = f"{name}.{index}", index + 1
-    taken.add(candidate)
-    return candidate
-
-
-def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
-    """Removes the initializers and Constant nodes named in `candidates` that nothing reads any more."""
-    used = {o.name for o in graph.output}
-    for node in _walk_nodes(graph):
-        used.update(node.input)
-    gone = candidates - used
-    kept = [t for t in graph.initializer if t.name not in gone]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    kept_inputs = [i for i in graph.input if i.name not in gone]  # models that list initializers as inputs
-    del graph.input[:]
-    graph.input.extend(kept_inputs)
-    kept_nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in gone)]
-    del graph.node[:]
-    graph.node.extend(kept_nodes)
-
-
-def _walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from _walk_nodes(sub)
-
-
-# -- external data ---------------------------------------------------------------------------------
-
-def _entries(tensor: TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in tensor.external_data}
-
-
-def _is_external(tensor: TensorProto) -> bool:
-    return tensor.data_location == TensorProto.EXTERNAL
-
-
-def _read_tensor(tensor: TensorProto, folder: Path) -> np.ndarray:
-    """A weight's values: memory-mapped when external (nothing is read until used)."""
-    if not _is_external(tensor):
-        return numpy_helper.to_array(tensor)
-    entries = _entries(tensor)
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    return np.memmap(folder / entries["location"], dtype=dtype, mode="r", offset=int(entries.get("offset", 0)),
-                     shape=tuple(tensor.dims))
-
-
-def _append(out, array: np.ndarray) -> int:
-    out.write(b"\0" * ((-out.tell()) % _ALIGN))
-    offset = out.tell()
-    out.write(np.ascontiguousarray(array).data)
-    return offset
-
-
-def _external(name: str, dims, data_type: int, location: str, offset: int, length: int) -> TensorProto:
-    tensor = TensorProto(name=name, data_type=data_type, dims=list(dims), data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    return tensor
-
-
-def _tensor_type(dtype) -> int:
-    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-
-
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t
-            yield from a.tensors
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from _all_tensors(sub)
-
-
-def external_data_files(model: onnx.ModelProto) -> set[str]:
-    """The external data file names the model's tensors refer to."""
-    return {_entries(t)["location"] for t in _all_tensors(model.graph) if _is_external(t)}
-
-
-def _fresh_data_name(model: onnx.ModelProto, folder: Path, weight: TensorProto, bits: int) -> str:
-    """`decoder.onnx.data` -> `decoder.onnx.int4.data`, numbered if that name is taken, so that a
-    file another model in the folder refers to is never overwritten."""
-    base = _entries(weight)["location"] if _is_external(weight) else "weights.data"
-    stem = base[: -len(".data")] if base.endswith(".data") else base
-    referenced = external_data_files(model)
-    name, index = f"{stem}.int{bits}.data", 1
-    while name in referenced or (folder / name).exists():
-        name, index = f"{stem}.int{bits}.{index}.data", index + 1
-    return name
-
-
-def compact_external_data(model: onnx.ModelProto, folder: Path, data_name: str | None = None,
-                          stale: Iterable[str] = ()) -> Path:
-    """Rewrites every external tensor the model still refers to into one fresh file `data_name`
-    (default: the shortest referenced name, i.e. the exporter's file that passes derive theirs from)
-    and deletes the files it referred to before, plus `stale` (names of files the model stopped
-    referring to earlier, e.g. external_data_files() taken before the passes). Bytes that several
-    tensors share are written once. Streams one tensor at a time. Save the model right after: the
-    file on disk refers to the old layout until then.
-    """
-    folder = Path(folder)
-    tensors = [t for t in _all_tensors(model.graph) if _is_external(t)]
-    before = {_entries(t)["location"] for t in tensors}
-    if data_name is None:
-        if not before:
-            raise ValueError("the model has no external data to compact")
-        data_name = min(before, key=lambda name: (len(name), name))
-    temporary = folder / f".{data_name}.compacting"
-    written: dict[tuple[str, int, int], int] = {}
-    try:
-        with open(temporary, "wb") as out:
-            for tensor in tensors:
-                entries = _entries(tensor)
-                key = (entries["location"], int(entries.get("offset", 0)), int(entries["length"]))
-                if key not in written:
-                    written[key] = _copy_range(folder / key[0], key[1], key[2], out)
-                del tensor.external_data[:]
-                for name, value in (("location", data_name), ("offset", str(written[key])), ("length", str(key[2]))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = name, value
-        os.replace(temporary, folder / data_name)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    for name in (before | set(stale)) - {data_name}:
-        (folder / name).unlink(missing_ok=True)
-    return folder / data_name
-
-
-def _copy_range(path: Path, offset: int, length: int, out, chunk: int = 16 << 20) -> int:
-    out.write(b"\0" * ((-out.tell()) % _ALIGN))
-    start = out.tell()
-    with open(path, "rb") as f:
-        f.seek(offset)
-        left = length
-        while left:
-            block = f.read(min(chunk, left))
-            if not block:
-                raise ValueError(f"{path}: ends before offset {offset} + length {length}")
-            out.write(block)
-            left -= len(block)
-    return start
-
-
-# -- engine folders --------------------------------------------------------------------------------
-
-def update_engine_manifest(engine_dir: Path, applied_passes: Iterable[str] = ()) -> None:
-    """After rewriting files of an engine folder: records every file's current size and hash (dropping
-    files that are gone) and appends `applied_passes` to the manifest's graph_passes."""
-    import json
-
-    from runtime.engine_manifest import MANIFEST, sha256_file
-
-    folder = Path(engine_dir)
-    path = folder / MANIFEST
-    manifest = json.loads(path.read_text())
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST
-                   and not p.name.startswith("."))
-    manifest["sizes"] = {name: (folder / name).stat().st_size for name in names}
-    manifest["hashes"] = {name: sha256_file(folder / name) for name in names}
-    manifest["graph_passes"] = [*manifest.get("graph_passes", []), *applied_passes]
-    temporary = folder / f".{MANIFEST}.writing"
-    temporary.write_text(json.dumps(manifest, indent=2))
-    os.replace(temporary, path)
+    return len(tensor.dims) == 2 and min(tensor.dims) > 0 and tensor.data_type in FLOAT_TYPES

@@ -14,36 +14,31 @@ symbolically and must be the halves of the head and the (B, S, heads, D) split. 
 k side has another form, or whose intermediate tensors are read elsewhere, is left as it is. The
 norm may already be a `Qwen3VLRMSNorm` plugin (trt_rmsnorm first), so the passes run in any order.
 Contract: trt_plugins/attention/README.md; numpy reference: graph_passes/plugin_reference.py.
-
-Also here: the shape-computation evaluator and the dead-subgraph check that trt_vision_attention uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx.external_data_helper import uses_external_data
 
-from .driver import export_graph, import_graph
-from .fuse_rmsnorm import _tensor_types
-from .trt_rmsnorm import MS_DOMAIN, PLUGIN_DOMAIN, plugin_attrs
+from .onnx_helpers import (MS_DOMAIN, PLUGIN_DOMAIN, dies_with, export_graph, import_graph, is_graph_output, is_node,
+                           is_op, plugin_attrs, producer, tensor_types)
+from .symbolic_shapes import as_int, known_shapes, number, shape_value
 
 KV_CACHE_TYPES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}
-INT_TYPES = (np.int64, np.int32)
 
 
 class TrtAttention:
     name = "trt_attention"
 
     def __call__(self, model: onnx.ModelProto, folder: Path) -> bool:
-        if not any(n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN for n in model.graph.node):
+        if not any(is_op(n, "GroupQueryAttention", MS_DOMAIN) for n in model.graph.node):
             return False  # cheap exit: no shape inference on graphs without the pattern
-        types = _tensor_types(model)
+        types = tensor_types(model)
         graph = import_graph(model)
         fused = sum(_fuse(graph, node, types) for node in list(graph.nodes)
                     if is_node(node, "GroupQueryAttention", MS_DOMAIN))
@@ -75,13 +70,13 @@ def _fuse(graph: gs.Graph, gqa: gs.Node, types: dict) -> bool:
         return False
     if len(gqa.inputs) < 7 or any(not t.is_empty() for t in gqa.inputs[7:]):
         return False  # cos/sin caches, position ids, attention bias: not the decoder's form
-    if len(gqa.outputs) < 3 or any(t.outputs or _is_graph_output(t, graph) for t in gqa.outputs[3:]):
+    if len(gqa.outputs) < 3 or any(t.outputs or is_graph_output(t, graph) for t in gqa.outputs[3:]):
         return False
     heads, kv_heads = attrs.get("num_heads"), attrs.get("kv_num_heads")
     q, k, v, past_key, past_value, seqlens_k, total_length = gqa.inputs[:7]
     kv_type = types.get(past_key.name, (None,))[0]
     if kv_type not in KV_CACHE_TYPES or types.get(past_value.name, (None,))[0] != kv_type:
-        return False  # an INT8 cache is a future option of the plugin, not of this pass
+        return False  # the plugin's caches are fp32 or fp16
     q_side, k_side = _match_side(q, heads, types), _match_side(k, kv_heads, types)
     if q_side is None or k_side is None:
         return False
@@ -139,7 +134,7 @@ def _finish_side(merge, add, rot_mul, cos_mul, concat, x, cos_u, sin_u, heads, t
     split = producer(norm.inputs[0], "Reshape")
     if split is None or split.attrs.get("allowzero", 0) or merge.attrs.get("allowzero", 0):
         return None
-    shapes = dict(symbolic_shapes(types))
+    shapes = known_shapes(types)
     shapes[x.name] = (None, None, heads, d)  # what the split makes of it; Shape(x) nodes read this
     split_to = shape_value(split.inputs[1], shapes)
     merge_to = shape_value(merge.inputs[1], shapes)
@@ -218,157 +213,3 @@ def _unsqueezed_at_heads(tensor: gs.Tensor, shapes: dict) -> gs.Tensor | None:
     else:
         axes = [number(a) for a in node.attrs.get("axes", [])]  # opset < 13
     return node.inputs[0] if axes in ([number(2)], [number(-2)]) else None
-
-
-# -- shared with trt_vision_attention ----------------------------------------------------------------
-
-def is_node(node: gs.Node, op: str, domain: str = "") -> bool:
-    domains = (None, "", "ai.onnx") if domain == "" else (domain,)
-    return node.op == op and node.domain in domains
-
-
-def producer(tensor: gs.Tensor, op: str, domain: str = "") -> gs.Node | None:
-    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and is_node(tensor.inputs[0], op, domain):
-        return tensor.inputs[0]
-    return None
-
-
-def only_reader(tensor: gs.Tensor, op: str, graph: gs.Graph) -> gs.Node | None:
-    """The single node reading `tensor`, when it is an `op` and the tensor is not a graph output."""
-    if len(tensor.outputs) == 1 and is_node(tensor.outputs[0], op) and not _is_graph_output(tensor, graph):
-        return tensor.outputs[0]
-    return None
-
-
-def constant_array(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of an inline initializer or Constant node; None for anything else (weights in
-    external data are never read)."""
-    if not isinstance(tensor, gs.Constant):
-        node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-        if node is None or node.op != "Constant" or not isinstance(node.attrs.get("value"), gs.Constant):
-            return None
-        tensor = node.attrs["value"]
-    proto = getattr(tensor._values, "tensor", None)  # graphsurgeon's lazy value keeps the TensorProto
-    if proto is not None and uses_external_data(proto):
-        return None
-    return np.asarray(tensor.values)
-
-
-class Dim(NamedTuple):
-    """An unknown dimension: axis `axis` of the tensor named `tensor`."""
-
-    tensor: str
-    axis: int
-
-
-# A value of a shape computation, element by element: (coefficient, factors), a product of an
-# integer and unknown dimensions, so that F*L compares equal wherever it is computed. None: unknown.
-Symbol = tuple[int, tuple[Dim, ...]]
-
-
-def number(n: int) -> Symbol:
-    return (int(n), ())
-
-
-def as_int(value: Symbol | None) -> int | None:
-    return value[0] if value is not None and not value[1] else None
-
-
-def times(a: Symbol | None, b: Symbol | None) -> Symbol | None:
-    if a is None or b is None:
-        return None
-    return a[0] * b[0], tuple(sorted(a[1] + b[1]))
-
-
-def _arith(op: str, a: Symbol | None, b: Symbol | None) -> Symbol | None:
-    if op == "Mul":
-        return times(a, b)
-    x, y = as_int(a), as_int(b)
-    if x is None or y is None or (op == "Div" and y == 0):
-        return None
-    return number({"Add": x + y, "Sub": x - y, "Div": int(x / y)}[op])  # integer Div truncates
-
-
-def shape_value(tensor: gs.Tensor, shapes: dict, depth: int = 0) -> list[Symbol | None] | None:
-    """Evaluates a small integer shape computation (Constant, Shape, Gather, Unsqueeze, Squeeze, Cast,
-    Concat, Add, Sub, Mul, Div) to a flat list of symbols; `shapes` gives each tensor's dimensions
-    (int, or None / a name for unknown ones). None when it is not such a computation."""
-    if depth > 32:
-        return None
-    array = constant_array(tensor)
-    if array is not None:
-        return [number(v) for v in array.ravel().tolist()] if array.dtype.type in INT_TYPES else None
-    if len(tensor.inputs) != 1:
-        return None
-    node = tensor.inputs[0]
-    if node.domain not in (None, "", "ai.onnx"):
-        return None
-    args = [shape_value(t, shapes, depth + 1) if not t.is_empty() else None for t in node.inputs[:2]]
-    if node.op == "Shape":
-        dims = shapes.get(node.inputs[0].name)
-        if dims is None:
-            return None
-        out = [number(d) if isinstance(d, int) and d > 0 else (1, (Dim(node.inputs[0].name, i),))
-               for i, d in enumerate(dims)]
-        start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
-        return out[start:end]
-    if node.op in ("Unsqueeze", "Squeeze", "Identity", "Cast"):
-        return args[0]
-    if node.op == "Gather" and node.attrs.get("axis", 0) == 0 and args[0] is None and args[1] is not None:
-        # Shape inference stops at contrib ops, so a shape's rank may be unknown; a dimension picked
-        # by a non-negative index is still that tensor's dimension.
-        shape_of = producer(node.inputs[0], "Shape")
-        picked = [as_int(i) for i in args[1]]
-        if shape_of is None or shape_of.attrs.get("start", 0) or any(i is None or i < 0 for i in picked):
-            return None
-        return [(1, (Dim(shape_of.inputs[0].name, i),)) for i in picked]
-    if node.op == "Gather" and node.attrs.get("axis", 0) == 0 and args[0] is not None and args[1] is not None:
-        picked = [as_int(i) for i in args[1]]
-        if None in picked or any(not -len(args[0]) <= i < len(args[0]) for i in picked):
-            return None
-        return [args[0][i] for i in picked]
-    if node.op == "Concat":
-        parts = [shape_value(t, shapes, depth + 1) for t in node.inputs]
-        return None if any(p is None for p in parts) else [v for p in parts for v in p]
-    if node.op in ("Add", "Sub", "Mul", "Div") and args[0] is not None and args[1] is not None:
-        a, b = args
-        if len(a) != len(b) and 1 not in (len(a), len(b)):
-            return None
-        n = max(len(a), len(b))
-        return [_arith(node.op, a[i if len(a) > 1 else 0], b[i if len(b) > 1 else 0]) for i in range(n)]
-    return None
-
-
-def dies_with(chain: list[gs.Node], outputs: list[gs.Tensor], graph: gs.Graph) -> bool:
-    """Whether replacing `chain` by one node that produces `outputs` leaves nothing else reading the
-    chain's other tensors: each reader outside the chain must itself die with it (the Shape ->
-    Gather -> Div nodes computing slice bounds do; a second consumer of a normed q would not)."""
-    kept = {id(t) for t in outputs} | {id(t) for t in graph.outputs}
-    dying = {id(n) for n in chain}
-    memo: dict[int, bool] = {}
-
-    def dies(node: gs.Node) -> bool:
-        if id(node) in dying:
-            return True
-        if id(node) not in memo:
-            memo[id(node)] = False  # a graph is acyclic; this only guards the recursion
-            memo[id(node)] = all(id(t) not in kept and all(dies(r) for r in t.outputs) for t in node.outputs)
-        return memo[id(node)]
-
-    replaced = {id(t) for t in outputs}
-    for node in chain:
-        for tensor in node.outputs:
-            if id(tensor) in replaced or tensor.is_empty():
-                continue
-            if id(tensor) in kept or not all(dies(reader) for reader in tensor.outputs):
-                return False
-    return True
-
-
-def _is_graph_output(tensor: gs.Tensor, graph: gs.Graph) -> bool:
-    return any(t is tensor for t in graph.outputs)
-
-
-def symbolic_shapes(types: dict) -> dict:
-    """Known shapes by tensor name, from fuse_rmsnorm._tensor_types."""
-    return {name: shape for name, (_, shape) in types.items() if shape is not None}

@@ -24,13 +24,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .driver import export_graph, import_graph
-from .fuse_rmsnorm import _tensor_types
-from .trt_attention import (Dim, as_int, constant_array, dies_with, number, only_reader, producer, shape_value,
-                            symbolic_shapes, times)
-from .trt_rmsnorm import PLUGIN_DOMAIN, plugin_attrs
-
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+from .onnx_helpers import (FLOAT_TYPES, PLUGIN_DOMAIN, dies_with, export_graph, import_graph, is_node, is_op,
+                           only_reader, plugin_attrs, producer, scalar, tensor_types)
+from .symbolic_shapes import as_int, dimension_symbols, known_shapes, number, shape_value, times
 # A mask value at or below this is "excluded" (exp underflows to 0 against any real score).
 MASKED_AT_MOST = -1e4
 
@@ -39,13 +35,12 @@ class TrtVisionAttention:
     name = "trt_vision_attention"
 
     def __call__(self, model: onnx.ModelProto, folder: Path) -> bool:
-        if not any(n.op_type == "Softmax" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        if not any(is_op(n, "Softmax") for n in model.graph.node):
             return False
-        types = _tensor_types(model)
+        types = tensor_types(model)
         graph = import_graph(model)
         flat_shapes: dict[int, gs.Constant] = {}  # one (-1, heads*D) shape constant per width
-        fused = sum(_fuse(graph, node, types, flat_shapes) for node in list(graph.nodes)
-                    if node.op == "Softmax" and node.domain in (None, "", "ai.onnx"))
+        fused = sum(_fuse(graph, node, types, flat_shapes) for node in list(graph.nodes) if is_node(node, "Softmax"))
         if not fused:
             return False
         export_graph(graph, model)
@@ -56,7 +51,7 @@ trt_vision_attention = TrtVisionAttention()
 
 
 def _fuse(graph: gs.Graph, softmax: gs.Node, types: dict, flat_shapes: dict) -> bool:
-    shapes = symbolic_shapes(types)
+    shapes = known_shapes(types)
     if softmax.attrs.get("axis", -1) not in (-1, 3):
         return False
     chain = [softmax]
@@ -105,7 +100,7 @@ def _fuse(graph: gs.Graph, softmax: gs.Node, types: dict, flat_shapes: dict) -> 
         q_side, k_side, v_side)
     if len(sources) != 1 or (heads, head_dim) != (k_heads, k_dim) or (heads, head_dim) != (v_heads, v_dim):
         return False  # all three gathered with the one frame layout, one head shape
-    frames, longest = _dims(index, shapes)
+    frames, longest = dimension_symbols(index.name, shapes[index.name])
     merge_to = shape_value(merge.inputs[1], shapes)
     if merge.attrs.get("allowzero", 0) or merge_to is None or len(merge_to) != 2:
         return False
@@ -152,7 +147,7 @@ def _per_frame(tensor: gs.Tensor, perm: tuple, shapes: dict):
     index = flatten.inputs[0]
     if index.name not in shapes or len(shapes[index.name]) != 2:
         return None
-    frames, longest = _dims(index, shapes)
+    frames, longest = dimension_symbols(index.name, shapes[index.name])
     split_to = shape_value(split.inputs[1], shapes)
     if split_to is None or len(split_to) != 4 or split_to[:2] != [frames, longest]:
         return None
@@ -164,12 +159,6 @@ def _per_frame(tensor: gs.Tensor, perm: tuple, shapes: dict):
         return None
     # The flatten of the index is shared by every block: not part of this chain.
     return gather.inputs[0], index, heads, head_dim, [transpose, split, gather]
-
-
-def _dims(index: gs.Tensor, shapes: dict):
-    """frame_patch_index's (F, L) as symbols, as a Shape node would give them."""
-    return tuple(number(d) if isinstance(d, int) and d > 0 else (1, (Dim(index.name, i),))
-                 for i, d in enumerate(shapes[index.name]))
 
 
 def _float_cast(tensor: gs.Tensor) -> gs.Node | None:
@@ -185,9 +174,8 @@ def _scale_of(tensor: gs.Tensor):
             continue
         pairs = (node.inputs, node.inputs[::-1]) if op == "Mul" else (node.inputs,)
         for scores, factor in pairs:
-            value = constant_array(factor)
-            if value is not None and value.size == 1 and not isinstance(scores, gs.Constant):
-                c = float(value.reshape(()))
+            c = scalar(factor)
+            if c is not None and not isinstance(scores, gs.Constant):
                 return (c if op == "Mul" else 1.0 / c), node, scores
     return 1.0, None, tensor
 
@@ -206,10 +194,8 @@ def _mask_of(bias: gs.Tensor, shapes: dict) -> gs.Tensor | None:
     if where is None:
         return None
     mask, kept, dropped = where.inputs
-    keep, drop = constant_array(kept), constant_array(dropped)
-    if keep is None or drop is None or keep.size != 1 or drop.size != 1:
-        return None
-    if float(keep.reshape(())) != 0.0 or not float(drop.reshape(())) <= MASKED_AT_MOST:
+    keep, drop = scalar(kept), scalar(dropped)
+    if keep != 0.0 or drop is None or not drop <= MASKED_AT_MOST:
         return None
     if shapes.get(mask.name) is not None and len(shapes[mask.name]) != 2:
         return None

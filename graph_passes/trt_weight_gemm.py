@@ -20,7 +20,7 @@ from pathlib import Path
 
 import onnx
 
-from .trt_rmsnorm import MS_DOMAIN, attribute, is_op, replace_node, use_plugin_domain
+from .onnx_helpers import MS_DOMAIN, PLUGIN_DOMAIN, attribute, is_op, replace_with_plugin, use_domain
 
 UINT8 = onnx.TensorProto.UINT8
 
@@ -38,7 +38,7 @@ class TrtWeightGemm:
             elif is_op(node, "GatherBlockQuantized", MS_DOMAIN):
                 changed += _gather(node, types, ranks)
         if changed:
-            use_plugin_domain(model)
+            use_domain(model, PLUGIN_DOMAIN)
         return bool(changed)
 
 
@@ -58,10 +58,10 @@ def _gemm(node: onnx.NodeProto, types: dict[str, int]) -> bool:
     if zero_points and types.get(zero_points) != UINT8:
         return False  # float zero points (or computed ones, type unknown here): not in the contract
     inputs = [a, b, scales] + [name for name in (zero_points, bias) if name]
-    replace_node(node, "Qwen3VLWeightOnlyGemm", inputs, [node.output[0]],
-                 K=attribute(node, "K"), N=attribute(node, "N"), bits=bits, block_size=attribute(node, "block_size"),
-                 accuracy_level=attribute(node, "accuracy_level", 0),
-                 has_zero_points=int(bool(zero_points)), has_bias=int(bool(bias)))
+    replace_with_plugin(node, "Qwen3VLWeightOnlyGemm", inputs, [node.output[0]],
+                        K=attribute(node, "K"), N=attribute(node, "N"), bits=bits,
+                        block_size=attribute(node, "block_size"), accuracy_level=attribute(node, "accuracy_level", 0),
+                        has_zero_points=int(bool(zero_points)), has_bias=int(bool(bias)))
     return True
 
 
@@ -75,7 +75,7 @@ def _gather(node: onnx.NodeProto, types: dict[str, int], ranks: dict[str, int]) 
         return False  # a (rows, packed columns) table is the contract
     if bits not in (4, 8) or types.get(data) != UINT8 or (zero_points and types.get(zero_points) != UINT8):
         return False
-    replace_node(node, "Qwen3VLQuantizedGather", [data, indices, scales] + ([zero_points] if zero_points else []),
-                 [node.output[0]], bits=bits, block_size=attribute(node, "block_size", 128),
-                 has_zero_points=int(bool(zero_points)))
+    inputs = [data, indices, scales] + ([zero_points] if zero_points else [])
+    replace_with_plugin(node, "Qwen3VLQuantizedGather", inputs, [node.output[0]], bits=bits,
+                        block_size=attribute(node, "block_size", 128), has_zero_points=int(bool(zero_points)))
     return True

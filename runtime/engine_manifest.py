@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +70,17 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def update_manifest(engine_dir: str | Path, edit: Callable[[dict], None]) -> None:
+    """Rewrites the manifest of an engine folder whose files a later step changed: `edit` changes
+    the manifest's JSON object in place. The new manifest replaces the old one whole."""
+    path = Path(engine_dir) / MANIFEST
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    temporary = path.with_name(f".{MANIFEST}.writing")
+    temporary.write_text(json.dumps(manifest, indent=2))
+    os.replace(temporary, path)
 
 
 def load_manifest(engine_dir: str | Path, verify_hashes: bool = False) -> Manifest:

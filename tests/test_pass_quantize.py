@@ -18,14 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import TINY_BUDGET, TINY_CONFIGS, random_image
 from export.build_engine import build_engine
-from graph_passes.quantize_weights import (
-    compact_external_data,
-    dequantize_blockwise,
-    external_data_files,
-    quantize_blockwise,
-    quantize_weights,
-    update_engine_manifest,
-)
+from graph_passes.external_data import compact_external_data, external_data_files
+from graph_passes.pass_runner import update_engine_manifest
+from graph_passes.quantize_weights import dequantize_blockwise, quantize_blockwise, quantize_weights
 from model_src.synthetic_checkpoint import PRESETS, write_checkpoint
 from runtime import Pipeline
 from runtime.image_processing import preprocess_images

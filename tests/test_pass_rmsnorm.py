@@ -12,8 +12,9 @@ import onnxruntime as ort
 import pytest
 
 from export.build_engine import build_engine
-from graph_passes.driver import append_external_data, run_passes
+from graph_passes.external_data import append_external_data
 from graph_passes.fuse_rmsnorm import fuse_rmsnorm
+from graph_passes.pass_runner import run_passes
 from model_src.synthetic_checkpoint import PRESETS, write_preset
 from runtime.graph_io import past_names
 

@@ -16,10 +16,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from export.build_engine import build_engine
-from graph_passes.driver import run_passes
+from graph_passes.onnx_helpers import PLUGIN_DOMAIN
+from graph_passes.pass_runner import run_passes
 from graph_passes.plugin_reference import PLUGIN_OPS, run_reference
 from graph_passes.trt_attention import trt_attention
-from graph_passes.trt_rmsnorm import PLUGIN_DOMAIN, trt_rmsnorm
+from graph_passes.trt_rmsnorm import trt_rmsnorm
 from graph_passes.trt_vision_attention import trt_vision_attention
 from graph_passes.trt_weight_gemm import trt_weight_gemm
 from model_src.synthetic_checkpoint import PRESETS, write_preset
