@@ -9,7 +9,6 @@ complete, so a failed build leaves nothing half-written.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import shutil
 import tempfile
 import time
@@ -21,12 +20,11 @@ import torch
 
 from model_src.checkpoint import checkpoint_shapes, open_safetensors, weight_files
 from model_src.config import load_config
-from model_src.generate import eos_token_ids
+from model_src.checkpoint_settings import generation_settings, image_processor_settings, model_facts
 from model_src.model import Qwen3VL
 from model_src.text import MRotaryEmbedding
-from runtime.engine_manifest import MANIFEST, Manifest, ModelFacts, sha256_file
+from runtime.engine_manifest import MANIFEST, Manifest, sha256_file
 from runtime.errors import CheckpointError, Qwen3VLError
-from runtime.image_processing import ImageProcessorSettings
 from runtime.prompt import load_chat_template
 
 from graph_passes.pass_runner import TRT_PASSES, ort_passes, run_passes
@@ -84,6 +82,9 @@ def build_engine(
                            f"{config.text.max_position_embeddings} positions")
     dtype = PRECISIONS[precision]
     _check_weights(checkpoint_dir, config)
+    # The checkpoint's other settings are read before minutes of export, so their errors come first.
+    facts, image_settings = model_facts(checkpoint_dir, config), image_processor_settings(checkpoint_dir)
+    generation_defaults = generation_settings(checkpoint_dir).defaults
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building.", dir=out.parent))
@@ -114,8 +115,8 @@ def build_engine(
         progress("hashing engine files")
         names = sorted(p.name for p in staging.iterdir())
         manifest = Manifest(
-            model=_model_facts(config, checkpoint_dir),
-            image_processor=_image_settings(checkpoint_dir),
+            model=facts,
+            image_processor=image_settings,
             backend=backend,
             precision=precision,
             max_context=max_context,
@@ -124,7 +125,7 @@ def build_engine(
             sizes={name: (staging / name).stat().st_size for name in names},
             versions=_versions(),
             graph_passes=["decoder:fused_attention:GroupQueryAttention", *applied],
-            generation_defaults=_generation_defaults(checkpoint_dir),
+            generation_defaults=generation_defaults,
         )
         (staging / MANIFEST).write_text(manifest.to_json())
         staging.chmod(0o755)  # mkdtemp made it private
@@ -194,45 +195,6 @@ def _check_weights(checkpoint_dir: Path, config) -> None:
                 if name in expected and tuple(f.get_slice(name).get_shape()) != expected[name]:
                     raise CheckpointError(f"{path}: tensor {name} has shape {tuple(f.get_slice(name).get_shape())}, "
                                           f"expected {expected[name]}")
-
-
-def _model_facts(config, checkpoint_dir: Path) -> ModelFacts:
-    t, v = config.text, config.vision
-    return ModelFacts(
-        hidden_size=t.hidden_size,
-        num_hidden_layers=t.num_hidden_layers,
-        num_key_value_heads=t.num_key_value_heads,
-        head_dim=t.head_dim,
-        vocab_size=t.vocab_size,
-        num_deepstack=config.num_deepstack,
-        vision_head_dim=v.head_dim,
-        vision_num_heads=v.num_heads,
-        num_position_embeddings=v.num_position_embeddings,
-        spatial_merge_size=v.spatial_merge_size,
-        vision_rope_theta=v.rope_theta,
-        image_token_id=config.image_token_id,
-        vision_start_token_id=config.vision_start_token_id,
-        vision_end_token_id=config.vision_end_token_id,
-        eos_token_ids=eos_token_ids(checkpoint_dir),
-    )
-
-
-def _image_settings(checkpoint_dir: Path) -> ImageProcessorSettings:
-    path = checkpoint_dir / "preprocessor_config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (the engine records the checkpoint's pixel budget)")
-    try:
-        return ImageProcessorSettings.from_preprocessor_config(json.loads(path.read_text()))
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-
-
-def _generation_defaults(checkpoint_dir: Path) -> dict:
-    path = checkpoint_dir / "generation_config.json"
-    if not path.is_file():
-        return {}
-    raw = json.loads(path.read_text())
-    return {k: raw[k] for k in ("temperature", "top_p", "top_k", "do_sample") if k in raw}
 
 
 def _versions() -> dict[str, str]:

@@ -17,7 +17,7 @@ from .image_processing import ImageProcessorSettings
 
 MANIFEST = "manifest.json"
 FORMAT = "qwen3vl-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pad_token_id in the model facts
 
 
 class EngineError(Qwen3VLError):
@@ -43,6 +43,7 @@ class ModelFacts:
     vision_start_token_id: int
     vision_end_token_id: int
     eos_token_ids: tuple[int, ...]
+    pad_token_id: int
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Manifest:
     sizes: dict[str, int] = field(default_factory=dict)  # file name -> bytes
     versions: dict[str, str] = field(default_factory=dict)
     graph_passes: list[str] = field(default_factory=list)
-    generation_defaults: dict = field(default_factory=dict)
+    generation_defaults: dict = field(default_factory=dict)  # the checkpoint's sampling defaults
 
     def to_json(self) -> str:
         body = asdict(self)

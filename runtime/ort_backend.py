@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: runs the engine's two graphs on the CPU.
+"""ONNX Runtime backend: runs the engine's two graphs (on the CPU unless given other providers).
 
 The KV cache is one buffer pair per layer, allocated once per generation and bound (IOBinding) as
 both the past input and the present output of the fused attention nodes, which write new keys in
@@ -11,59 +11,80 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import DecoderChunk, ImageFeatures, VisionBatch
 from .engine_manifest import EngineError, Manifest
 from .errors import ImageError
 from .graph_io import past_names, present_names
-from .vision_positions import VisionInputs
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-class KVCache:
+class OrtKVCache:
     """Per-layer key/value buffers (B, kv_heads, capacity, head_dim) and their OrtValues."""
 
-    def __init__(self, batch: int, capacity: int, manifest: Manifest, dtype):
+    def __init__(self, buffers: list[np.ndarray]):
         import onnxruntime as ort
 
-        m = manifest.model
-        shape = (batch, m.num_key_value_heads, capacity, m.head_dim)
-        self.batch, self.capacity = batch, capacity
-        self.buffers = [np.zeros(shape, dtype=dtype) for _ in range(2 * m.num_hidden_layers)]
-        self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]
+        self.buffers = buffers
+        self.batch, self.capacity = buffers[0].shape[0], buffers[0].shape[2]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
+        self.steps: DecodeSteps | None = None  # the decode loop's binding, made on first use
 
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
 
+    def row(self, r: int) -> "OrtKVCache":
+        return OrtKVCache([b[r:r + 1] for b in self.buffers])  # views: a leading-axis slice stays contiguous
+
 
 class OrtBackend:
-    name = "onnxruntime-cpu"
+    """The engine's ONNX Runtime graphs (vision.onnx, decoder.onnx) on the given execution providers."""
 
-    def __init__(self, engine_dir: str | Path, manifest: Manifest, threads: int | None = None):
+    def __init__(self, engine_dir: str | Path, manifest: Manifest, threads: int | None = None,
+                 providers: list[str] | None = None, profile_prefix: str | None = None):
+        """`profile_prefix`: ONNX Runtime's per-op profiling on, files `<prefix>vision_*.json` and
+        `<prefix>decoder_*.json` (see `end_profiling`)."""
         import onnxruntime as ort
 
-        self.manifest = manifest
+        providers = list(providers or ["CPUExecutionProvider"])
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise EngineError(f"ONNX Runtime {ort.__version__} has no {', '.join(missing)} here (available: "
+                              f"{', '.join(ort.get_available_providers())}); onnxruntime-gpu brings "
+                              f"CUDAExecutionProvider")
+        self.manifest, self.providers = manifest, providers
+        self.name = "onnxruntime-" + ("cpu" if providers == ["CPUExecutionProvider"] else
+                                      providers[0].removesuffix("ExecutionProvider").lower())
         folder = Path(engine_dir)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or 0  # 0: one per physical core
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.vision = ort.InferenceSession(str(folder / manifest.files["vision"]), options,
-                                               providers=["CPUExecutionProvider"])
-            self.decoder = ort.InferenceSession(str(folder / manifest.files["decoder"]), options,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types for unreadable models
-            raise EngineError(f"{folder}: ONNX Runtime could not load the engine ({str(exc).splitlines()[0]})")
+        sessions = {}
+        for role in ("vision", "decoder"):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads or 0  # 0: one per physical core
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if profile_prefix is not None:
+                options.enable_profiling = True
+                options.profile_file_prefix = f"{profile_prefix}{role}"
+            try:
+                sessions[role] = ort.InferenceSession(str(folder / manifest.files[role]), options, providers=providers)
+            except Exception as exc:  # ORT raises its own exception types for unreadable models
+                raise EngineError(f"{folder}: ONNX Runtime could not load the engine ({str(exc).splitlines()[0]})")
+        self.vision, self.decoder = sessions["vision"], sessions["decoder"]
         self.vision_dtype = _NUMPY_TYPES[self.vision.get_inputs()[0].type]
         types = {i.name: i.type for i in self.decoder.get_inputs()}
         self.decoder_dtype = _NUMPY_TYPES[types["visual_embeds"]]
         layers = manifest.model.num_hidden_layers
-        self._past, self._present = past_names(layers), present_names(layers)
+        self.past_names, self.present_names = past_names(layers), present_names(layers)
 
-    def encode_images(self, pixel_values: np.ndarray, host: VisionInputs) -> tuple[np.ndarray, np.ndarray]:
+    def end_profiling(self) -> dict[str, str]:
+        """Ends profiling (backends made with `profile_prefix`): role -> profile file."""
+        return {"vision": self.vision.end_profiling(), "decoder": self.decoder.end_profiling()}
+
+    def encode_images(self, images: VisionBatch) -> ImageFeatures:
+        host = images.host
         check_vision_memory(host.frame_patch_index.shape, self.manifest.model.vision_num_heads, self.vision_dtype)
         feeds = {
-            "pixel_values": pixel_values.astype(self.vision_dtype, copy=False),
+            "pixel_values": images.pixel_values.astype(self.vision_dtype, copy=False),
             "pos_indices": host.pos_indices,
             "pos_weights": host.pos_weights.astype(self.vision_dtype, copy=False),
             "rotary_cos": host.rotary_cos,
@@ -73,36 +94,45 @@ class OrtBackend:
             "patch_frame_slot": host.patch_frame_slot,
         }
         image_embeds, deepstack = self.vision.run(None, feeds)
-        return image_embeds, deepstack
+        return ImageFeatures(image_embeds, deepstack)
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return KVCache(batch, capacity, self.manifest, self.decoder_dtype)
+    def new_cache(self, batch: int, capacity: int) -> OrtKVCache:
+        m = self.manifest.model
+        shape = (batch, m.num_key_value_heads, capacity, m.head_dim)
+        return OrtKVCache([np.zeros(shape, dtype=self.decoder_dtype) for _ in range(2 * m.num_hidden_layers)])
 
-    def decode(self, cache: KVCache, input_ids, visual_embeds, deepstack_embeds, position_ids, seqlens_k,
-               total_sequence_length, logits_index) -> np.ndarray:
-        """One decoder call (prefill or a decode step); returns float32 logits (B, vocab)."""
-        binding = self.decoder.io_binding()
+    def prefill(self, cache: OrtKVCache, chunk: DecoderChunk) -> np.ndarray:
+        m, (b, s) = self.manifest.model, chunk.input_ids.shape
+        visual, deepstack = chunk.visual_embeds, chunk.deepstack_embeds
         feeds = {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "visual_embeds": np.ascontiguousarray(visual_embeds, dtype=self.decoder_dtype),
-            "deepstack_embeds": np.ascontiguousarray(deepstack_embeds, dtype=self.decoder_dtype),
-            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-            "seqlens_k": np.ascontiguousarray(seqlens_k, dtype=np.int32),
-            "total_sequence_length": np.asarray([total_sequence_length], dtype=np.int32),
-            "logits_index": np.ascontiguousarray(logits_index, dtype=np.int64),
+            "input_ids": np.ascontiguousarray(chunk.input_ids, dtype=np.int64),
+            "visual_embeds": (np.zeros((b, s, m.hidden_size), self.decoder_dtype) if visual is None
+                              else np.ascontiguousarray(visual, dtype=self.decoder_dtype)),
+            "deepstack_embeds": (np.zeros((m.num_deepstack, b, s, m.hidden_size), self.decoder_dtype)
+                                 if deepstack is None else np.ascontiguousarray(deepstack, dtype=self.decoder_dtype)),
+            "position_ids": np.ascontiguousarray(chunk.position_ids, dtype=np.int64),
+            "seqlens_k": chunk.seqlens_k,
+            "total_sequence_length": np.asarray([chunk.total_sequence_length], dtype=np.int32),
+            "logits_index": chunk.logits_index,
         }
+        binding = self.decoder.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         binding.bind_output("logits")  # first bound, so first in get_outputs()
-        for past, present, value in zip(self._past, self._present, cache.values):
+        for past, present, value in zip(self.past_names, self.present_names, cache.values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
         self.decoder.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
-    def decode_steps(self, cache: KVCache) -> "DecodeSteps":
-        """One-token steps over `cache`, bound once (see DecodeSteps)."""
-        return DecodeSteps(self, cache)
+    def decode(self, cache: OrtKVCache, tokens: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray
+               ) -> np.ndarray:
+        if cache.steps is None:
+            cache.steps = DecodeSteps(self, cache)
+        return cache.steps(tokens, positions, past_lengths)
+
+    def close(self) -> None:
+        self.vision = self.decoder = None
 
 
 class DecodeSteps:
@@ -114,7 +144,7 @@ class DecodeSteps:
     The returned logits array is overwritten by the next step.
     """
 
-    def __init__(self, backend: OrtBackend, cache: KVCache):
+    def __init__(self, backend: OrtBackend, cache: OrtKVCache):
         import onnxruntime as ort
 
         m, batch, dtype = backend.manifest.model, cache.batch, backend.decoder_dtype
@@ -140,17 +170,16 @@ class DecodeSteps:
             binding.bind_ortvalue_input(name, value)
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)
         binding.bind_ortvalue_output("logits", self._logits_value)
-        for past, present, value in zip(backend._past, backend._present, cache.values):
+        for past, present, value in zip(backend.past_names, backend.present_names, cache.values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
 
-    def __call__(self, tokens: np.ndarray, positions: np.ndarray, seqlens_k: np.ndarray,
-                 total_sequence_length: int) -> np.ndarray:
-        """tokens (B,), positions (3, B) or broadcastable, seqlens_k (B,): float32 logits (B, vocab)."""
+    def __call__(self, tokens: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray) -> np.ndarray:
+        """tokens (B,), positions (B,), past_lengths (B,): float32 logits (B, vocab)."""
         self.input_ids[:, 0] = tokens
         self.position_ids[..., 0] = positions
-        self.seqlens_k[:] = seqlens_k
-        self.total_sequence_length[0] = total_sequence_length
+        self.seqlens_k[:] = past_lengths  # keys after this step (past + 1), minus one
+        self.total_sequence_length[0] = int(np.max(past_lengths)) + 1
         self._session.run_with_iobinding(self._binding)
         return self.logits
 

@@ -31,6 +31,25 @@ def tiny_checkpoints(tmp_path_factory):
     return {name: write_checkpoint(root / name, cfg, TINY_BUDGET, seed=7) for name, cfg in TINY_CONFIGS.items()}
 
 
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoints, tmp_path_factory):
+    """tiny_engine(config_name, **build options) -> engine folder, built once per session for each
+    combination (engines are only read by the tests that share them)."""
+    from export.build_engine import build_engine
+
+    root, built = tmp_path_factory.mktemp("engines"), {}
+
+    def get(name: str = "gqa2-tied", **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in built:
+            suffix = "-".join(f"{k}={v}" for k, v in key[1])
+            built[key] = build_engine(tiny_checkpoints[name], root / f"{name}{'-' + suffix if suffix else ''}",
+                                      **options)
+        return built[key]
+
+    return get
+
+
 def random_image(height: int, width: int, seed: int) -> Image.Image:
     """A smooth random picture (a noise field upscaled), so resizing does real work."""
     rng = np.random.default_rng(seed)

@@ -11,16 +11,14 @@ import sys
 import numpy as np
 import pytest
 
-from commands.bench import synthetic_image
-from commands.bench_bandwidth import decoder_weight_bytes, measure, read_bandwidth
-from commands.bench_fidelity import fidelity, fidelity_prompt, teacher_forced_logits
+from bench.bandwidth import decoder_weight_bytes, measure, read_bandwidth
+from bench.fidelity import fidelity, fidelity_prompt, teacher_forced_logits
+from bench.inputs import synthetic_image
 from export.build_engine import build_engine
 from model_src.synthetic_checkpoint import write_preset
 from runtime import Pipeline
 from runtime.engine_manifest import load_manifest
 from runtime.image_processing import preprocess_images
-from runtime.rope_index import rope_index
-from runtime.vision_positions import vision_inputs
 
 KEYS = ("system", "vision_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "peak_rss_mb",
         "threads", "image_tokens", "prompt_tokens", "new_tokens", "precision", "bandwidth_gb_s",
@@ -117,24 +115,17 @@ def test_teacher_forcing_matches_a_full_prefill(tiny, picture):
     _, engine = tiny
     pipe = Pipeline.load(engine, threads=2)
     forced = teacher_forced_logits(pipe, PROMPT, picture, positions=40)
-    _, request = fidelity_prompt(pipe, PROMPT, picture, 40)
+    _, batch = fidelity_prompt(pipe, PROMPT, picture, 40)
     m, backend = pipe.manifest.model, pipe.backend
-    ids = request.input_ids[None]
-    assert np.array_equal(ids[0], forced.input_ids)
+    ids = batch.row(0)
+    assert np.array_equal(ids, forced.input_ids)
     is_image = ids == m.image_token_id
-    assert forced.start == np.flatnonzero(is_image[0])[0] - 1 and 0 < forced.image_positions < 40
-    grids = request.processed.image_grid_thw
-    positions, _ = rope_index(ids, grids, np.ones_like(ids), m.image_token_id, m.spatial_merge_size)
-    embeds, deep = backend.encode_images(request.processed.pixel_values, vision_inputs(
-        grids, m.num_position_embeddings, m.spatial_merge_size, m.vision_head_dim, m.vision_rope_theta))
-    visual = np.zeros((1, ids.shape[1], m.hidden_size), dtype=np.float32)
-    deepstack = np.zeros((m.num_deepstack, 1, ids.shape[1], m.hidden_size), dtype=np.float32)
-    visual[is_image], deepstack[:, is_image] = embeds, deep
+    assert forced.start == np.flatnonzero(is_image)[0] - 1 and 0 < forced.image_positions < 40
+    features = backend.encode_images(batch.vision)
     for i in (0, 1, forced.image_positions, 39):  # before, inside and after the image
         t = forced.start + i
         cache = backend.new_cache(1, t + 1)
-        logits = backend.decode(cache, ids[:, :t + 1], visual[:, :t + 1], deepstack[:, :, :t + 1],
-                                positions[:, :, :t + 1], np.array([t]), t + 1, np.array([t]))[0]
+        logits = backend.prefill(cache, batch.chunk(features, backend.decoder_dtype, 0, t + 1))[0]
         np.testing.assert_allclose(forced.logits[i], logits, atol=1e-4)
 
 

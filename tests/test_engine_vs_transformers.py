@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import load_transformers_model, random_image
-from export.build_engine import build_engine
 from runtime import Pipeline
 
 NEW_TOKENS = 24
@@ -23,35 +22,34 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("engines")
+def engines(tiny_checkpoints, tiny_engine):
     built = {}
     for name in ENGINE_CONFIGS:
-        folder = build_engine(tiny_checkpoints[name], root / name)
         reference, _ = load_transformers_model(tiny_checkpoints[name])
-        built[name] = (Pipeline.load(folder), reference)
+        built[name] = (Pipeline.load(tiny_engine(name)), reference)
     return built
 
 
 def reference_generate(pipe: Pipeline, model, prompt, images):
     """transformers' greedy generate on exactly the runtime's token ids and pixels."""
-    requests = pipe._prepare([prompt], [images], None, None)
-    ids = torch.from_numpy(requests[0].input_ids[None])
+    batch = pipe.prepare([prompt], [images])
+    ids = torch.from_numpy(batch.row(0)[None])
     kwargs = {"mm_token_type_ids": (ids == pipe.manifest.model.image_token_id).long()}
-    if requests[0].processed is not None:
-        kwargs["pixel_values"] = torch.from_numpy(requests[0].processed.pixel_values)
-        kwargs["image_grid_thw"] = torch.from_numpy(requests[0].processed.image_grid_thw)
+    if batch.vision is not None:
+        kwargs["pixel_values"] = torch.from_numpy(batch.vision.pixel_values)
+        kwargs["image_grid_thw"] = torch.from_numpy(batch.vision.grid_thw)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                              do_sample=False, output_logits=True, return_dict_in_generate=True,
-                             eos_token_id=list(pipe.manifest.model.eos_token_ids), pad_token_id=151643, **kwargs)
+                             eos_token_id=list(pipe.manifest.model.eos_token_ids),
+                             pad_token_id=pipe.manifest.model.pad_token_id, **kwargs)
     tokens = out.sequences[0, ids.shape[1]:].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1).numpy() for step in out.logits]
     return tokens, logprobs
 
 
 def assert_same_as_reference(pipe, model, prompt, images):
-    result = pipe.generate(prompt, images=images, max_new_tokens=NEW_TOKENS, logprobs=5)
+    result = pipe.generate(prompt, images=images, max_new_tokens=NEW_TOKENS, logprobs=5, do_sample=False)
     tokens, logprobs = reference_generate(pipe, model, prompt, images)
     assert result.token_ids == tokens
     worst = 0.0
@@ -94,9 +92,9 @@ def test_batch_of_two_prompts_gives_the_same_tokens_as_each_alone(engines, confi
     pipe, _ = engines[config_name]
     prompts = ["Describe this image in detail.", "Hi"]
     images = [[random_image(96, 64, seed=3)], [random_image(64, 64, seed=4), random_image(32, 96, seed=5)]]
-    together = pipe.generate(prompts, images=images, max_new_tokens=12, logprobs=3)
+    together = pipe.generate(prompts, images=images, max_new_tokens=12, logprobs=3, do_sample=False)
     for prompt, image_list, batched in zip(prompts, images, together):
-        alone = pipe.generate(prompt, images=image_list, max_new_tokens=12, logprobs=3)
+        alone = pipe.generate(prompt, images=image_list, max_new_tokens=12, logprobs=3, do_sample=False)
         assert batched.token_ids == alone.token_ids
         for a, b in zip(batched.logprobs, alone.logprobs):
             assert abs(a[0]["logprob"] - b[0]["logprob"]) <= 1e-4
@@ -112,7 +110,8 @@ def test_kv_cache_is_allocated_once_and_written_in_place(engines, monkeypatch):
         return caches[-1]
 
     monkeypatch.setattr(pipe.backend, "new_cache", spy)
-    result = pipe.generate("Describe this image.", images=[random_image(64, 64, 1)], max_new_tokens=8)
+    result = pipe.generate("Describe this image.", images=[random_image(64, 64, 1)], max_new_tokens=8,
+                           do_sample=False)
     assert len(caches) == 1
     used = result.prompt_tokens + len(result.token_ids) - 1  # the last token is never fed back
     keys = caches[0].buffers[0]
@@ -128,7 +127,7 @@ def test_sampling_is_reproducible_with_a_seed(engines):
     a = pipe.generate("Tell me a story.", seed=5, **kwargs)
     b = pipe.generate("Tell me a story.", seed=5, **kwargs)
     c = pipe.generate("Tell me a story.", seed=6, **kwargs)
-    greedy = pipe.generate("Tell me a story.", max_new_tokens=10)
+    greedy = pipe.generate("Tell me a story.", max_new_tokens=10, do_sample=False)
     assert a.token_ids == b.token_ids
     assert c.token_ids != a.token_ids or a.token_ids != greedy.token_ids
 
@@ -136,17 +135,18 @@ def test_sampling_is_reproducible_with_a_seed(engines):
 def test_stream_yields_the_same_text_as_generate(engines):
     pipe, _ = engines["gqa6-untied"]
     image = random_image(64, 64, 2)
-    pieces = list(pipe.stream("Describe this image.", images=[image], max_new_tokens=12))
+    pieces = list(pipe.stream("Describe this image.", images=[image], max_new_tokens=12, do_sample=False))
     assert len(pieces) > 1
-    assert "".join(pieces) == pipe.generate("Describe this image.", images=[image], max_new_tokens=12).text
+    assert "".join(pieces) == pipe.generate("Describe this image.", images=[image], max_new_tokens=12,
+                                            do_sample=False).text
 
 
-def test_fp16_engine_stays_close_to_fp32(tiny_checkpoints, engines, tmp_path):
+def test_fp16_engine_stays_close_to_fp32(tiny_engine, engines):
     pipe32, _ = engines["gqa2-tied"]
-    pipe16 = Pipeline.load(build_engine(tiny_checkpoints["gqa2-tied"], tmp_path / "fp16", precision="fp16"))
+    pipe16 = Pipeline.load(tiny_engine("gqa2-tied", precision="fp16"))
     assert pipe16.manifest.precision == "fp16" and pipe16.backend.decoder_dtype == np.float16
     image = [random_image(96, 96, 7)]
-    a = pipe32.generate("Describe this image.", images=image, max_new_tokens=1, logprobs=5)
-    b = pipe16.generate("Describe this image.", images=image, max_new_tokens=1, logprobs=5)
+    a = pipe32.generate("Describe this image.", images=image, max_new_tokens=1, logprobs=5, do_sample=False)
+    b = pipe16.generate("Describe this image.", images=image, max_new_tokens=1, logprobs=5, do_sample=False)
     assert a.token_ids == b.token_ids
     assert abs(a.logprobs[0][0]["logprob"] - b.logprobs[0][0]["logprob"]) < 0.05

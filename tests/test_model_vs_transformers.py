@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIGS, load_transformers_model, random_image
-from model_src.generate import greedy_tokens
 from model_src.model import Qwen3VL
 from runtime.image_processing import ImageProcessorSettings, preprocess_images
 from runtime.prompt import PromptBuilder, user_message
@@ -152,7 +151,7 @@ def test_kv_cache_decode_matches_full_forward(models, config_name):
 def test_greedy_generation_matches_transformers_generate(models):
     m = models["gqa6-untied"]
     ids, processed = m.encode("Describe this image.", [(80, 112)], seed=9)
-    ours = list(greedy_tokens(m.ours, ids, processed.pixel_values, processed.image_grid_thw, 16, eos_ids=()))
+    ours = _torch_greedy(m, ids, processed, 16)
     with torch.no_grad():
         ref = m.theirs.generate(
             input_ids=torch.from_numpy(ids[None]),
@@ -163,3 +162,24 @@ def test_greedy_generation_matches_transformers_generate(models):
             max_new_tokens=16, min_new_tokens=16, do_sample=False,
         )[0, len(ids):].tolist()
     assert ours == ref
+
+
+def _torch_greedy(m, ids, processed, steps: int) -> list[int]:
+    """Greedy tokens of the PyTorch model through the runtime's generation loop (TorchBackend)."""
+    from model_src.torch_backend import TorchBackend
+    from runtime.backend import VisionBatch
+    from runtime.generate import generate
+    from runtime.prepare import PreparedBatch
+    from runtime.sampling import SamplingConfig
+    from runtime.vision_positions import vision_inputs
+
+    cfg = m.ours.config
+    v = cfg.vision
+    positions, delta = rope_index(ids[None], processed.image_grid_thw, None, cfg.image_token_id, 2)
+    index = np.where(ids == cfg.image_token_id, np.cumsum(ids == cfg.image_token_id) - 1, -1)[None]
+    host = vision_inputs(processed.image_grid_thw, v.num_position_embeddings, v.spatial_merge_size, v.head_dim,
+                         v.rope_theta)
+    batch = PreparedBatch(ids[None], np.array([len(ids)]), positions, delta[:, 0], index,
+                          VisionBatch(processed.pixel_values, processed.image_grid_thw, host), [""])
+    steps_out = generate(TorchBackend(m.ours), batch, steps, SamplingConfig(do_sample=False), eos_token_ids=())
+    return [int(step.tokens[0]) for step in steps_out]

@@ -14,8 +14,6 @@ from conftest import random_image
 from export.build_engine import build_engine
 from graph_passes.quantize_dynamic_int8 import WEIGHT_LEVELS, dynamic_int8_weights, quantize_columns
 from runtime import Pipeline
-from runtime.image_processing import preprocess_images
-from runtime.vision_positions import vision_inputs
 
 
 def test_quantize_columns_rounds_to_nearest_within_seven_bits():
@@ -126,12 +124,9 @@ def test_int4_engine_computes_vision_in_int8_by_default(tiny_checkpoints, tmp_pa
     assert (int4 / "vision.onnx.data").stat().st_size < 0.6 * (fp32 / "vision.onnx.data").stat().st_size
 
     ours, reference = Pipeline.load(int4, verify=True), Pipeline.load(fp32)
-    m = reference.manifest.model
-    processed = preprocess_images([random_image(96, 128, seed=2)], reference.manifest.image_processor)
-    host = vision_inputs(processed.image_grid_thw, m.num_position_embeddings, m.spatial_merge_size,
-                         m.vision_head_dim, m.vision_rope_theta)
-    for a, b in zip(ours.backend.encode_images(processed.pixel_values, host),
-                    reference.backend.encode_images(processed.pixel_values, host)):
+    batch = reference.prepare(["Describe this image."], [[random_image(96, 128, seed=2)]])
+    got, expected = ours.backend.encode_images(batch.vision), reference.backend.encode_images(batch.vision)
+    for a, b in ((got.image_embeds, expected.image_embeds), (got.deepstack_embeds, expected.deepstack_embeds)):
         assert np.sqrt(((a - b) ** 2).mean()) < 0.05 * b.std()
     fp32_vision = build_engine(checkpoint, tmp_path / "int4-fp32-vision", precision="int4", block_size=32,
                                vision_precision="fp32")

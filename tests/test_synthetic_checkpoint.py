@@ -13,7 +13,7 @@ import torch
 from conftest import load_transformers_model, random_image
 from model_src.checkpoint import checkpoint_shapes
 from model_src.config import parse_config
-from model_src.generate import ReferencePipeline
+from model_src.torch_backend import checkpoint_pipeline
 from model_src.model import Qwen3VL
 from model_src.synthetic_checkpoint import PRESETS, write_preset
 
@@ -90,21 +90,22 @@ def test_existing_folder_is_not_overwritten_without_force(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_pipeline(tmp_path_factory):
-    return ReferencePipeline(write_preset("small", tmp_path_factory.mktemp("small") / "ck", seed=0))
+    return checkpoint_pipeline(write_preset("small", tmp_path_factory.mktemp("small") / "ck", seed=0))
 
 
 def test_small_preset_loads_in_transformers(small_pipeline):
-    _, info = load_transformers_model(small_pipeline.folder)
+    _, info = load_transformers_model(small_pipeline.engine_dir)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
 
 
 def test_greedy_outputs_are_varied_and_depend_on_the_image(small_pipeline):
     images = [random_image(224, 224, seed) for seed in (1, 2)]
-    answers = [small_pipeline.answer("Describe this image.", [im], max_new_tokens=24) for im in images]
+    answers = [small_pipeline.generate("Describe this image.", [im], max_new_tokens=24, do_sample=False)
+               for im in images]
     for answer in answers:
         assert len(set(answer.token_ids)) >= 8, answer.token_ids
     assert answers[0].token_ids != answers[1].token_ids
-    text_only = small_pipeline.answer("Describe this image.", [], max_new_tokens=24)
+    text_only = small_pipeline.generate("Describe this image.", [], max_new_tokens=24, do_sample=False)
     assert text_only.token_ids not in (answers[0].token_ids, answers[1].token_ids)
 
 
@@ -119,21 +120,22 @@ def test_2b_forward_matches_transformers(tmp_path):
 
     folder = write_preset("2b", tmp_path / "ck2b", seed=0)
     assert (folder / "model.safetensors.index.json").is_file()
-    pipe = ReferencePipeline(folder)
-    pipe.image_settings = pipe.image_settings.with_budget(max_pixels=448 * 448, min_pixels=256 * 256)
-    processed = preprocess_images([random_image(448, 448, 0)], pipe.image_settings)
+    pipe = checkpoint_pipeline(folder)
+    settings = pipe.manifest.image_processor.with_budget(max_pixels=448 * 448, min_pixels=256 * 256)
+    processed = preprocess_images([random_image(448, 448, 0)], settings)
     ids = pipe.prompts.encode(user_message("Describe this image.", 1), processed.tokens_per_image).input_ids
-    cfg = pipe.model.config
+    model = pipe.backend.model
+    cfg = model.config
     positions, _ = rope_index(ids[None], processed.image_grid_thw, None, cfg.image_token_id, 2)
     with torch.no_grad():
-        emb, deep = pipe.model.encode_images(torch.from_numpy(processed.pixel_values), processed.image_grid_thw)
-        keys, values = pipe.model.new_cache(1, len(ids))
-        ours, _, _ = pipe.model(torch.from_numpy(ids[None]), torch.from_numpy(positions),
+        emb, deep = model.encode_images(torch.from_numpy(processed.pixel_values), processed.image_grid_thw)
+        keys, values = model.new_cache(1, len(ids))
+        ours, _, _ = model(torch.from_numpy(ids[None]), torch.from_numpy(positions),
                                 torch.tensor([len(ids) - 1], dtype=torch.int32),
                                 torch.tensor([len(ids)], dtype=torch.int32), keys, values,
                                 image_embeds=emb, deepstack=deep)
     ours = ours[0, -8:].clone()
-    del pipe, emb, deep
+    del pipe, model, emb, deep
     gc.collect()
     theirs, info = load_transformers_model(folder)
     assert not info["missing_keys"] and not info["unexpected_keys"]

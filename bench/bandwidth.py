@@ -9,6 +9,7 @@ last-level cache, so the figure is DRAM bandwidth, not cache bandwidth.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,3 +106,22 @@ def decoder_weight_bytes(engine_dir: str | Path, manifest) -> int:
         else:
             total += len(tensor.raw_data)  # small inline constants
     return total
+
+
+def physical_cores() -> int:
+    """Distinct (package, core) pairs in /proc/cpuinfo: hyper-threads do not speed up these kernels."""
+    try:
+        cores, package = set(), None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    package = value.strip()
+                elif key == "core id":
+                    cores.add((package, value.strip()))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1

@@ -52,19 +52,17 @@ class TeacherForced:
 
 def fidelity_prompt(pipe, prompt: str, image, positions: int, min_pixels: int | None = None,
                     max_pixels: int | None = None):
-    """(text, request): `prompt` plus as much filler as the window of `positions` needs, encoded
-    as Pipeline._prepare encodes it (the chat template around the image and the text)."""
+    """(text, batch): `prompt` plus as much filler as the window of `positions` needs, prepared as
+    the Pipeline prepares a request (the chat template around the image and the text)."""
     from runtime.errors import PromptError
-    from runtime.prompt import user_message
 
     if positions < 1:
         raise PromptError("--positions must be >= 1")
     m = pipe.manifest.model
-    request = pipe._prepare([prompt], [[image]], min_pixels, max_pixels)[0]
-    tokens_per_image = request.processed.tokens_per_image
     text, sentences = prompt, 0
     while True:
-        ids = pipe.prompts.encode(user_message(text, 1), tokens_per_image).input_ids
+        batch = pipe.prepare([text], [[image]], min_pixels, max_pixels)
+        ids = batch.row(0)
         if len(ids) >= window_start(ids, m.image_token_id) + positions:
             break
         if len(ids) >= pipe.manifest.max_context:
@@ -75,8 +73,7 @@ def fidelity_prompt(pipe, prompt: str, image, positions: int, min_pixels: int | 
     if len(ids) >= pipe.manifest.max_context:
         raise PromptError(f"the fidelity prompt is {len(ids)} tokens; this engine was built for a context of "
                           f"{pipe.manifest.max_context} (use fewer --positions or a smaller image)")
-    request.input_ids = ids
-    return text, request
+    return text, batch
 
 
 def window_start(input_ids: np.ndarray, image_token_id: int) -> int:
@@ -87,42 +84,22 @@ def window_start(input_ids: np.ndarray, image_token_id: int) -> int:
 
 def teacher_forced_logits(pipe, prompt: str, image, positions: int = DEFAULT_POSITIONS,
                           min_pixels: int | None = None, max_pixels: int | None = None) -> TeacherForced:
-    """Next-token logits of `pipe`'s engine at `positions` consecutive prompt positions."""
-    from runtime.rope_index import rope_index
-    from runtime.vision_positions import vision_inputs
-
-    _, request = fidelity_prompt(pipe, prompt, image, positions, min_pixels, max_pixels)
+    """Next-token logits of `pipe`'s backend at `positions` consecutive prompt positions."""
+    _, batch = fidelity_prompt(pipe, prompt, image, positions, min_pixels, max_pixels)
     m, backend = pipe.manifest.model, pipe.backend
-    ids = request.input_ids
-    length = len(ids)
-    input_ids = ids[None]
-    processed = request.processed
-    grids = processed.image_grid_thw
-    # As Pipeline._run builds them for a one-row batch.
-    position_ids, _ = rope_index(input_ids, grids, np.ones_like(input_ids), m.image_token_id, m.spatial_merge_size)
-    visual = np.zeros((1, length, m.hidden_size), dtype=backend.decoder_dtype)
-    deepstack = np.zeros((m.num_deepstack, 1, length, m.hidden_size), dtype=backend.decoder_dtype)
-    host = vision_inputs(grids, m.num_position_embeddings, m.spatial_merge_size, m.vision_head_dim,
-                         m.vision_rope_theta)
-    image_embeds, deep_embeds = backend.encode_images(processed.pixel_values, host)
-    is_image = input_ids == m.image_token_id
-    visual[is_image] = image_embeds
-    deepstack[:, is_image] = deep_embeds
-
+    ids = batch.row(0)
+    features = backend.encode_images(batch.vision)
     start = window_start(ids, m.image_token_id)
-    cache = backend.new_cache(1, length)
+    cache = backend.new_cache(1, len(ids))
     out = np.empty((positions, m.vocab_size), dtype=np.float32)
     # Prefill the prefix through the first measured position; its logits are that position's.
-    stop = start + 1
-    out[0] = backend.decode(cache, input_ids[:, :stop], visual[:, :stop], deepstack[:, :, :stop],
-                            position_ids[:, :, :stop], np.array([start]), stop, np.array([start]))[0]
     # Then one prompt token per call, at its own M-RoPE position (not the decode-time text position:
     # these tokens are inside the prompt), with its image embeddings when it is an image token.
+    out[0] = backend.prefill(cache, batch.chunk(features, backend.decoder_dtype, 0, start + 1))[0]
     for i in range(1, positions):
-        t = start + i
-        out[i] = backend.decode(cache, input_ids[:, t:t + 1], visual[:, t:t + 1], deepstack[:, :, t:t + 1],
-                                position_ids[:, :, t:t + 1], np.array([t]), t + 1, np.array([0]))[0]
-    return TeacherForced(out, ids, start, int(is_image[0, start:start + positions].sum()))
+        out[i] = backend.prefill(cache, batch.chunk(features, backend.decoder_dtype, start + i, start + i + 1))[0]
+    is_image = ids == m.image_token_id
+    return TeacherForced(out, ids, start, int(is_image[start:start + positions].sum()))
 
 
 def save(result: TeacherForced, path: str | Path) -> None:

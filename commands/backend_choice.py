@@ -1,0 +1,51 @@
+"""`--backend` for the commands that run a model: the runtime's own backends (auto, ort) and the
+build-side ones (reference: the TensorRT-target graphs on numpy plugin references; torch: the
+PyTorch model of a checkpoint), all behind the same Pipeline."""
+
+from __future__ import annotations
+
+import sys
+
+BACKENDS = ("auto", "ort", "reference", "torch")
+HELP = ("auto (default: the fastest present, today ONNX Runtime), ort (ONNX Runtime; --providers), reference "
+        "(the TensorRT-target graphs of a --backend trt build on the CPU, numpy plugin references; slow, for "
+        "checking), torch (the PyTorch model; with --checkpoint)")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help=HELP)
+    parser.add_argument("--providers", help="ONNX Runtime execution providers in order, comma-separated "
+                                            "(default CPUExecutionProvider)")
+
+
+def open_pipeline(args, engine: str | None = None, checkpoint: str | None = None):
+    """A Pipeline over the engine folder (or checkpoint) with the backend `args` ask for."""
+    from runtime import Pipeline
+    from runtime.errors import Qwen3VLError
+
+    backend, threads = args.backend, getattr(args, "threads", None)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    if providers and backend not in ("auto", "ort"):
+        raise Qwen3VLError("--providers applies to the ort backend only")
+    if checkpoint is not None:
+        if backend not in ("auto", "torch"):
+            raise Qwen3VLError(f"--checkpoint runs the PyTorch model: --backend {backend} needs an --engine")
+        from model_src.torch_backend import checkpoint_pipeline
+
+        return checkpoint_pipeline(checkpoint, threads)
+    if backend == "torch":
+        raise Qwen3VLError("--backend torch runs a checkpoint folder: give --checkpoint instead of --engine")
+    if backend == "reference":
+        from graph_passes.reference_backend import ReferenceBackend
+        from runtime.engine_manifest import load_manifest
+
+        manifest = load_manifest(engine)
+        return Pipeline(engine, manifest, ReferenceBackend(engine, manifest))
+    return Pipeline.load(engine, backend=backend, threads=threads, providers=providers)
+
+
+def announce(args, pipe) -> None:
+    """With --backend auto, one line on stderr naming the backend chosen; called once the request
+    has been accepted, so that a refused request's error stays the only line."""
+    if args.backend == "auto":
+        print(f"backend: {pipe.backend.name} (auto)", file=sys.stderr, flush=True)
