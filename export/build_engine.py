@@ -3,14 +3,14 @@
 Steps: read and check the checkpoint; trace the vision encoder and the text decoder with stand-in
 weights; stream the real weights into external data files; copy the tokenizer and chat template;
 write the manifest last. Everything happens in a staging folder that replaces the target only when
-complete, so a failed build leaves nothing half-written.
+complete, so a failed build leaves nothing half-written (`engine_folder.py`: the swap, the lock, what
+`--out` may be).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +30,7 @@ from runtime.prompt import load_chat_template
 from graph_passes.pass_runner import TRT_PASSES, ort_passes, run_passes
 
 from .decoder_graph import export_decoder
+from .engine_folder import EngineReplacement, check_target
 from .stand_in_weights import attach_weights, use_stand_in_parameters
 from .vision_graph import export_vision
 
@@ -73,8 +74,7 @@ def build_engine(
         raise Qwen3VLError("--vision-precision int8 needs FP32 activations: use it with --precision fp32, int8 or int4")
     if max_context < 16:
         raise Qwen3VLError(f"--max-context {max_context} is too small")
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise Qwen3VLError(f"{out}: exists and is not an engine folder; refusing to replace it")
+    check_target(out, checkpoint_dir)
 
     config = load_config(checkpoint_dir)
     if max_context > config.text.max_position_embeddings:
@@ -86,8 +86,8 @@ def build_engine(
     facts, image_settings = model_facts(checkpoint_dir, config), image_processor_settings(checkpoint_dir)
     generation_defaults = generation_settings(checkpoint_dir).defaults
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building.", dir=out.parent))
+    replacement = EngineReplacement(out, checkpoint_dir, progress)  # takes the lock: one build per folder
+    staging = replacement.staging
     try:
         applied = []
         for part, export in (("vision", export_vision), ("decoder", export_decoder)):
@@ -128,12 +128,9 @@ def build_engine(
             generation_defaults=generation_defaults,
         )
         (staging / MANIFEST).write_text(manifest.to_json())
-        staging.chmod(0o755)  # mkdtemp made it private
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        replacement.commit()
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        replacement.abort()
         raise
     return out
 
