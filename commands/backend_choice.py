@@ -35,13 +35,14 @@ def open_pipeline(args, engine: str | None = None, checkpoint: str | None = None
         return checkpoint_pipeline(checkpoint, threads)
     if backend == "torch":
         raise Qwen3VLError("--backend torch runs a checkpoint folder: give --checkpoint instead of --engine")
+    verify = getattr(args, "verify", False)
     if backend == "reference":
         from graph_passes.reference_backend import ReferenceBackend
         from runtime.engine_manifest import load_manifest
 
-        manifest = load_manifest(engine)
+        manifest = load_manifest(engine, verify_hashes=verify)
         return Pipeline(engine, manifest, ReferenceBackend(engine, manifest))
-    return Pipeline.load(engine, backend=backend, threads=threads, providers=providers)
+    return Pipeline.load(engine, backend=backend, threads=threads, providers=providers, verify=verify)
 
 
 def announce(args, pipe) -> None:

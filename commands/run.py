@@ -27,6 +27,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--min-pixels", type=int, help="override the engine's image pixel budget")
     parser.add_argument("--max-pixels", type=int)
     parser.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every engine file against the manifest's SHA-256 hashes before loading")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     parser.set_defaults(handler=run)
 
@@ -37,8 +39,8 @@ def run(args) -> int:
     sampled = any(v is not None for v in (args.temperature, args.top_p, args.top_k))
     if args.greedy and sampled:
         raise PromptError("--greedy cannot be combined with --temperature/--top-p/--top-k")
-    if args.logprobs < 0:
-        raise PromptError("--logprobs must be >= 0")
+    if not 0 <= args.logprobs <= 20:
+        raise PromptError(f"--logprobs must be from 0 to 20, got {args.logprobs}")
     options = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=False if args.greedy else True if sampled else None,

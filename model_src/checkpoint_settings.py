@@ -96,7 +96,9 @@ def model_facts(checkpoint_dir: str | Path, config=None):
     return ModelFacts(
         hidden_size=t.hidden_size,
         num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
         num_key_value_heads=t.num_key_value_heads,
+        intermediate_size=t.intermediate_size,
         head_dim=t.head_dim,
         vocab_size=t.vocab_size,
         num_deepstack=config.num_deepstack,

@@ -30,7 +30,9 @@ class ModelFacts:
 
     hidden_size: int
     num_hidden_layers: int
+    num_attention_heads: int
     num_key_value_heads: int
+    intermediate_size: int
     head_dim: int
     vocab_size: int
     num_deepstack: int
@@ -59,6 +61,8 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     graph_passes: list[str] = field(default_factory=list)
     generation_defaults: dict = field(default_factory=dict)  # the checkpoint's sampling defaults
+    # KV cache storage type the build asked for (fp32/fp16): the TensorRT graphs hold it, the ONNX
+    # Runtime graphs their own until they honour --kv-dtype. None: manifests from before the field.
 
     def to_json(self) -> str:
         body = asdict(self)
@@ -114,15 +118,66 @@ def load_manifest(engine_dir: str | Path, verify_hashes: bool = False) -> Manife
             **{k: raw[k] for k in ("backend", "precision", "max_context", "files", "hashes", "sizes", "versions",
                                    "graph_passes", "generation_defaults")},
         )
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise EngineError(f"{path}: incomplete manifest ({exc})") from None
-    for name in sorted(set(manifest.files.values()) | set(manifest.sizes)):
-        file = folder / name
+    _check_field_types(manifest, path)
+    names = set(manifest.files.values()) | set(manifest.sizes) | set(manifest.hashes)
+    for name in sorted(names, key=str):
+        file = contained_file(folder, name)
         if not file.is_file():
             raise EngineError(f"{folder}: engine file {name} is missing")
         if name in manifest.sizes and file.stat().st_size != manifest.sizes[name]:
             raise EngineError(f"{folder}: engine file {name} is incomplete or changed "
                               f"({file.stat().st_size} bytes, expected {manifest.sizes[name]})")
-        if verify_hashes and name in manifest.hashes and sha256_file(file) != manifest.hashes[name]:
-            raise EngineError(f"{folder}: engine file {name} does not match its recorded hash")
+        if verify_hashes:
+            if not manifest.hashes.get(name):
+                raise EngineError(f"{folder}: engine file {name} has no recorded hash to verify")
+            if sha256_file(file) != manifest.hashes[name]:
+                raise EngineError(f"{folder}: engine file {name} does not match its recorded hash")
+    for name in sorted(n for n in manifest.files.values() if n.endswith(".onnx")):
+        _check_external_data(folder, name, manifest)
     return manifest
+
+
+def _check_field_types(manifest: Manifest, path: Path) -> None:
+    def mapping(value, key_type, value_type) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, key_type) and isinstance(v, value_type)
+                                               and not isinstance(v, bool) for k, v in value.items())
+
+    checks = {
+        "files": mapping(manifest.files, str, str),
+        "sizes": mapping(manifest.sizes, str, int),
+        "hashes": mapping(manifest.hashes, str, str),
+        "max_context": isinstance(manifest.max_context, int) and manifest.max_context > 0,
+        "generation_defaults": isinstance(manifest.generation_defaults, dict),
+        "files.tokenizer": "tokenizer" in manifest.files if isinstance(manifest.files, dict) else False,
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise EngineError(f"{path}: malformed manifest ({', '.join(bad)})")
+
+
+def contained_file(folder: Path, name) -> Path:
+    """folder / name, refused unless `name` is a plain file name that stays inside the folder (no
+    absolute path, no `..`, no subfolder, no symlink leading out): engine folders are data from others."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise EngineError(f"{folder}: engine file name {name!r} is not a plain file name inside the folder")
+    path = folder / name
+    if path.exists() and path.resolve().parent != folder.resolve():
+        raise EngineError(f"{folder}: engine file {name} leads outside the engine folder")
+    return path
+
+
+def _check_external_data(folder: Path, graph: str, manifest: Manifest) -> None:
+    """Every weight file a graph refers to is a listed engine file inside the folder."""
+    from .onnx_external_data import MalformedModel, external_data_locations
+
+    try:
+        locations = external_data_locations((folder / graph).read_bytes())
+    except (OSError, MalformedModel) as exc:
+        raise EngineError(f"{folder}: engine file {graph} is not a readable ONNX model ({exc})") from None
+    for location in sorted(locations):
+        contained_file(folder, location)
+        if location not in manifest.sizes:
+            raise EngineError(f"{folder}: {graph} reads weights from {location!r}, which the manifest does not list")

@@ -7,14 +7,15 @@ place: no step copies the cache.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
 from .backend import DecoderChunk, ImageFeatures, VisionBatch
 from .engine_manifest import EngineError, Manifest
-from .errors import ImageError
 from .graph_io import past_names, present_names
+from .memory_admission import OutOfMemoryError
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -82,7 +83,6 @@ class OrtBackend:
 
     def encode_images(self, images: VisionBatch) -> ImageFeatures:
         host = images.host
-        check_vision_memory(host.frame_patch_index.shape, self.manifest.model.vision_num_heads, self.vision_dtype)
         feeds = {
             "pixel_values": images.pixel_values.astype(self.vision_dtype, copy=False),
             "pos_indices": host.pos_indices,
@@ -93,7 +93,8 @@ class OrtBackend:
             "frame_patch_mask": host.frame_patch_mask,
             "patch_frame_slot": host.patch_frame_slot,
         }
-        image_embeds, deepstack = self.vision.run(None, feeds)
+        with ort_errors("the vision encoder"):
+            image_embeds, deepstack = self.vision.run(None, feeds)
         return ImageFeatures(image_embeds, deepstack)
 
     def new_cache(self, batch: int, capacity: int) -> OrtKVCache:
@@ -122,7 +123,8 @@ class OrtBackend:
         for past, present, value in zip(self.past_names, self.present_names, cache.values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        self.decoder.run_with_iobinding(binding)
+        with ort_errors("the decoder"):
+            self.decoder.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
     def decode(self, cache: OrtKVCache, tokens: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray
@@ -180,32 +182,25 @@ class DecodeSteps:
         self.position_ids[..., 0] = positions
         self.seqlens_k[:] = past_lengths  # keys after this step (past + 1), minus one
         self.total_sequence_length[0] = int(np.max(past_lengths)) + 1
-        self._session.run_with_iobinding(self._binding)
+        with ort_errors("the decoder"):
+            self._session.run_with_iobinding(self._binding)
         return self.logits
 
 
-def available_memory_bytes() -> int | None:
+@contextlib.contextmanager
+def ort_errors(what: str):
+    """ONNX Runtime's failures as the project's one-line errors: allocation failures as out of
+    memory, anything else as an engine error naming the graph."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def check_vision_memory(layout: tuple[int, int], heads: int, dtype) -> None:
-    """Refuses, before running out of memory, a vision call whose attention would not fit.
-
-    Attention is per frame over a padded (frames, longest frame) batch: scores and probabilities of
-    (frames, heads, L, L).
-    """
-    frames, longest = layout
-    needed = 2 * heads * frames * longest * longest * max(np.dtype(dtype).itemsize, 4)
-    free = available_memory_bytes()
-    if free is not None and needed > 0.8 * free:
-        raise ImageError(
-            f"the images make {frames} frame(s) of up to {longest} patches; the vision encoder would need about {needed / 2**30:.1f} GiB "
-            f"but {free / 2**30:.1f} GiB is free: use a smaller --max-pixels or fewer images"
-        )
+        yield
+    except MemoryError:
+        raise OutOfMemoryError(f"out of memory while running {what}: use a smaller --max-pixels, fewer images, "
+                               f"fewer new tokens or a smaller batch") from None
+    except Exception as exc:  # ORT raises its own pybind exception types
+        if type(exc).__module__.split(".")[0] != "onnxruntime":
+            raise
+        message = " ".join(str(exc).split())
+        if "alloc" in message.lower():
+            raise OutOfMemoryError(f"out of memory while running {what} ({message[:200]}): use a smaller "
+                                   f"--max-pixels, fewer images, fewer new tokens or a smaller batch") from None
+        raise EngineError(f"ONNX Runtime failed while running {what}: {message[:300]}") from None

@@ -7,14 +7,18 @@ of prompts runs as one right-padded batch; every row gets the same tokens as it 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .backend import Backend
 from .engine_manifest import Manifest, load_manifest
 from .errors import PromptError
 from .generate import Timings, generate
+from .memory_admission import admit, estimate_request
 from .prepare import PreparedBatch, is_chat, prepare
 from .prompt import PromptBuilder, load_chat_template
 from .sampling import SamplingConfig
@@ -37,15 +41,27 @@ class GenerationResult:
 
 
 class Pipeline:
-    """`engine_dir` holds the tokenizer and chat template the manifest names; `backend` runs the graphs."""
+    """`engine_dir` holds the tokenizer and chat template the manifest names; `backend` runs the graphs.
 
-    def __init__(self, engine_dir: str | Path, manifest: Manifest, backend: Backend, prefill_chunk: int | None = None):
+    Safe to share between threads: requests run one at a time, in the order they take the lock (a
+    `stream` holds it until it is exhausted or closed).
+    """
+
+    max_batch = 64  # prompts per call
+    max_images = 64  # images per prompt
+
+    def __init__(self, engine_dir: str | Path, manifest: Manifest, backend: Backend, prefill_chunk: int | None = 512):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.backend = backend
-        self.prefill_chunk = prefill_chunk  # None: the whole prompt in one decoder call
+        # Prompt tokens per decoder call (None: all at once): bounds the attention scratch, which
+        # grows with chunk x context, whatever the prompt's length; tokens do not change.
+        self.prefill_chunk = prefill_chunk
+        self._lock = threading.RLock()
+        template = manifest.files.get("chat_template")  # an engine's; a checkpoint keeps it in one of several forms
         self.prompts = PromptBuilder(self.engine_dir / manifest.files["tokenizer"],
-                                     load_chat_template(self.engine_dir), manifest.model.image_token_id)
+                                     (self.engine_dir / template).read_text() if template
+                                     else load_chat_template(self.engine_dir), manifest.model.image_token_id)
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", threads: int | None = None,
@@ -69,6 +85,11 @@ class Pipeline:
         Special-token strings typed in the prompts stay text unless `allow_special_tokens`."""
         settings = self.manifest.image_processor.with_budget(min_pixels, max_pixels)
         images = images if images is not None else [[] for _ in prompts]
+        if len(prompts) > self.max_batch:
+            raise PromptError(f"{len(prompts)} prompts in one call; the limit is {self.max_batch} (split the batch)")
+        for row_images in images:
+            if isinstance(row_images, (list, tuple)) and len(row_images) > self.max_images:
+                raise PromptError(f"{len(row_images)} images for one prompt; the limit is {self.max_images}")
         return prepare(prompts, images, self.prompts, settings, self.manifest.model, self.manifest.model.pad_token_id,
                        allow_special_tokens)
 
@@ -77,8 +98,8 @@ class Pipeline:
         """The engine's defaults (the checkpoint's generation_config.json) overridden by what is given."""
         defaults = self.manifest.generation_defaults
         pick = lambda value, key, fallback: value if value is not None else defaults.get(key, fallback)  # noqa: E731
-        return SamplingConfig(bool(pick(do_sample, "do_sample", False)), float(pick(temperature, "temperature", 1.0)),
-                              float(pick(top_p, "top_p", 1.0)), int(pick(top_k, "top_k", 0)), seed)
+        return SamplingConfig(pick(do_sample, "do_sample", False), pick(temperature, "temperature", 1.0),
+                              pick(top_p, "top_p", 1.0), pick(top_k, "top_k", 0), seed)
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -94,21 +115,24 @@ class Pipeline:
         """
         is_batch = isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt) and not is_chat(prompt)
         prompts = prompt if is_batch else [prompt]
-        per_prompt_images = (images or [[] for _ in prompts]) if is_batch else [images or []]
+        per_prompt_images = ([_image_list(i) for i in images] if images else [[] for _ in prompts]) if is_batch \
+            else [_image_list(images)]
         sampling = self.sampling(do_sample, temperature, top_p, top_k, seed)
-        timings = Timings()
-        batch = self.prepare(prompts, per_prompt_images, min_pixels, max_pixels, allow_special_tokens)
-        max_new_tokens = self._budget(batch, max_new_tokens)
-        generated = [[] for _ in prompts]
-        scores = [[] for _ in prompts] if logprobs else None
-        finished = None
-        for step in generate(self.backend, batch, max_new_tokens, sampling, self.manifest.model.eos_token_ids,
-                             logprobs, self.prefill_chunk, timings):
-            for r in step.active.nonzero()[0]:
-                generated[r].append(int(step.tokens[r]))
-                if scores is not None:
-                    scores[r].append(step.logprobs[r])
-            finished = step.finished
+        logprobs = _check_logprobs(logprobs, self.manifest.model.vocab_size)
+        with self._lock:
+            timings = Timings()
+            batch = self.prepare(prompts, per_prompt_images, min_pixels, max_pixels, allow_special_tokens)
+            max_new_tokens = self._admit(batch, max_new_tokens)
+            generated = [[] for _ in prompts]
+            scores = [[] for _ in prompts] if logprobs else None
+            finished = None
+            for step in generate(self.backend, batch, max_new_tokens, sampling, self.manifest.model.eos_token_ids,
+                                 logprobs, self.prefill_chunk, timings):
+                for r in step.active.nonzero()[0]:
+                    generated[r].append(int(step.tokens[r]))
+                    if scores is not None:
+                        scores[r].append(step.logprobs[r])
+                finished = step.finished
         results = [GenerationResult(
             text=self.prompts.decode(ids),
             token_ids=ids,
@@ -126,21 +150,47 @@ class Pipeline:
         """Yields the answer's text in pieces as tokens are generated (one prompt); the pieces join to
         the text `generate` returns. A character split across tokens comes out once it is whole."""
         sampling = self.sampling(do_sample, temperature, top_p, top_k, seed)
-        batch = self.prepare([prompt], [images or []], min_pixels, max_pixels, allow_special_tokens)
-        max_new_tokens = self._budget(batch, max_new_tokens)
-        text = self.prompts.text_stream()
-        for step in generate(self.backend, batch, max_new_tokens, sampling, self.manifest.model.eos_token_ids,
-                             0, self.prefill_chunk):
-            piece = text.step(int(step.tokens[0]))
-            if piece:
-                yield piece
+        with self._lock:
+            batch = self.prepare([prompt], [_image_list(images)], min_pixels, max_pixels, allow_special_tokens)
+            max_new_tokens = self._admit(batch, max_new_tokens)
+            text = self.prompts.text_stream()
+            for step in generate(self.backend, batch, max_new_tokens, sampling, self.manifest.model.eos_token_ids,
+                                 0, self.prefill_chunk):
+                piece = text.step(int(step.tokens[0]))
+                if piece:
+                    yield piece
 
-    def _budget(self, batch: PreparedBatch, max_new_tokens: int) -> int:
-        """New tokens that fit beside the longest prompt in the engine's context."""
-        if max_new_tokens < 1:
-            raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    def _admit(self, batch: PreparedBatch, max_new_tokens: int) -> int:
+        """New tokens that fit beside the longest prompt in the engine's context; refuses a request
+        whose memory would not fit before any of it is allocated."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         longest, context = int(batch.lengths.max()), self.manifest.max_context
         if longest >= context:
             raise PromptError(f"the prompt is {longest} tokens; this engine was built for a context of {context} "
                               f"(rebuild with a larger --max-context, or use a smaller image budget --max-pixels)")
-        return min(max_new_tokens, context - longest)
+        max_new_tokens = min(max_new_tokens, context - longest)
+        if getattr(self.backend, "uses_host_memory", True):
+            vision = batch.vision
+            estimate = estimate_request(
+                self.manifest.model, batch.batch, longest, longest + max_new_tokens,
+                np.dtype(self.backend.decoder_dtype).itemsize,
+                [int(np.prod(g)) for g in vision.grid_thw] if vision is not None else [],
+                vision.host.frame_patch_index.shape if vision is not None else None, self.prefill_chunk)
+            admit(estimate, what_to_lower="use a smaller --max-pixels, fewer images, fewer new tokens or a smaller batch")
+        return max_new_tokens
+
+
+def _image_list(images) -> list:
+    """A prompt's images as a list: one image (a path, PIL image or array) alone is not split up."""
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def _check_logprobs(k, vocab_size: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= min(vocab_size, 20):
+        raise PromptError(f"logprobs must be an integer from 0 to 20, got {k!r}")
+    return k

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,12 +19,23 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise PromptError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise PromptError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise PromptError(f"top_k must be >= 0, got {self.top_k}")
+        def number(value) -> bool:
+            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+                and math.isfinite(value)
+
+        def integer(value) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise PromptError(f"do_sample must be true or false, got {self.do_sample!r}")
+        if not number(self.temperature) or self.temperature <= 0:
+            raise PromptError(f"temperature must be a number > 0, got {self.temperature!r}")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            raise PromptError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not integer(self.top_k) or self.top_k < 0:
+            raise PromptError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and (not integer(self.seed) or self.seed < 0):
+            raise PromptError(f"seed must be an integer >= 0, got {self.seed!r}")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
