@@ -8,9 +8,9 @@ import sys
 
 from runtime.errors import Qwen3VLError
 
-from . import bench, build, run, synth
+from . import bench, build, plan, run, synth
 
-SUBCOMMANDS = (synth, build, run, bench)
+SUBCOMMANDS = (synth, build, run, bench, plan)
 
 
 def main(argv: list[str] | None = None) -> int:
