@@ -3,33 +3,66 @@
 Produces the same ``pixel_values`` / ``image_grid_thw`` as transformers' ``Qwen2VLImageProcessorPil``
 (the processor Qwen3-VL uses): RGB conversion with transparency composited onto white, ``smart_resize``
 to multiples of ``patch_size * merge_size``, Pillow BICUBIC resize, rescale by 1/255, normalise, and
-patchify in spatial-merge-block order.
+patchify in spatial-merge-block order. Ordinary 8-bit images give bit-identical results.
+
+Where the reference (Pillow's ``convert("RGB")``) gets colours wrong, this module deliberately differs:
+
+- 16-bit pixels (Pillow modes I;16, I;16L, I;16B, I;16N, and numpy uint16) are scaled to 8 bits as
+  round(v / 257); the reference clips them at 255, so a 16-bit grey PNG comes out nearly white. Mode I
+  (32-bit integers) is read as 16-bit data and must lie in [0, 65535]. Pillow itself keeps only the
+  high byte of 16-bit RGB/RGBA PNGs when it decodes them (at most one level off round(v / 257)).
+- Float pixels (Pillow mode F, numpy float16/32/64) must lie in [0, 1] and become round(x * 255); values
+  outside, NaN or infinity are refused rather than clipped (transformers truncates x * 255 instead).
+- An embedded ICC profile (RGB, grey or CMYK) is converted to sRGB with Little CMS (``PIL.ImageCms``);
+  profiles that already render as sRGB (within one level) leave the pixels untouched, so sRGB-tagged
+  photos stay identical to the reference. Without ImageCms, or with a malformed profile, the pixels are
+  taken as they are, as Pillow does (for CMYK, Pillow's naive CMYK -> RGB).
+
+Animated and multi-page files (GIF, APNG, WebP, TIFF) give their first frame, as transformers'
+``load_image`` does; a PIL image is taken at its current frame.
+
+Bounds: every source has at most ``MAX_IMAGE_PIXELS`` pixels, checked from the file header before
+anything is decoded (``image_size`` and ``image_grid`` read only headers, so a caller can count visual
+tokens and admit memory first). Pillow's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``)
+belongs to the host program and is never changed here: when it is lower it refuses first, with our
+message; its DecompressionBombWarning (between its limit and twice that) is the host's to filter.
+Conversion to RGB works in strips, so a large RGBA image costs one RGB copy, not several.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
-import threading
-import warnings
+import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
+
+try:
+    from PIL import ImageCms
+except ImportError:  # Pillow built without Little CMS: embedded colour profiles are ignored
+    ImageCms = None  # type: ignore[assignment]
 
 from runtime.errors import ImageError
 
-# Larger than Pillow's default bomb threshold (~179 MP hard error) so that big photos and scans load,
-# but still bounded: decoding 300 MP of RGB takes ~0.9 GB.
+# Our ceiling, checked from the header before decoding: 300 MP of RGB is ~0.9 GB decoded (1.2 GB in
+# Pillow, which stores RGB as 4 bytes a pixel). Pillow's default bomb limit refuses above ~179 MP first
+# unless the host raised or disabled it.
 MAX_IMAGE_PIXELS = 300_000_000
 
 # The reference rejects anything more elongated than this (the grid would degenerate).
 MAX_ASPECT_RATIO = 200
 
-# Pillow keeps its bomb limit in a module global; serialise our temporary override of it.
-_PIL_LIMIT_LOCK = threading.Lock()
+# Colour conversion works on strips of about this many pixels (4 MB of RGBA per temporary).
+_STRIP_PIXELS = 1 << 20
+
+_ORIENTATION = 0x0112
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # transpose, rotate 270, transverse, rotate 90
+_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -154,66 +187,268 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency (alpha band or tRNS/palette transparency) composited onto white."""
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode == "RGB":
-        # convert("RGB") would only copy; skipping it saves a full copy of a huge photo.
-        return image
-    return image.convert("RGB")
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g}"
 
 
-def _open_path(path: str, limit: int) -> Image.Image:
+def _check_pixels(size: tuple[int, int], limit: int, name: str) -> None:
+    width, height = size
+    if width * height > limit:
+        raise ImageError(
+            f"image is too large ({width}x{height} = {_megapixels(width * height)} megapixels, "
+            f"limit {_megapixels(limit)}): {name}"
+        )
+
+
+def _refused_by_pillow(name: str) -> ImageError:
+    # Pillow refuses above twice the host's Image.MAX_IMAGE_PIXELS; read, never set.
+    limit = Image.MAX_IMAGE_PIXELS
+    over = f"over {_megapixels(2 * limit)} megapixels, " if limit else ""
+    return ImageError(f"image is too large ({over}the limit PIL.Image.MAX_IMAGE_PIXELS sets in this program): {name}")
+
+
+# ---------------------------------------------------------------- 16-bit and float pixels to 8 bits
+
+
+def _uint16_to_8bit(values: np.ndarray) -> np.ndarray:
+    # round(v / 257), the nearest of the 256 levels (65535 = 255 * 257); no ties for integer v.
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _floats_to_8bit(values: np.ndarray, name: str) -> np.ndarray:
+    if values.size == 0:
+        return np.zeros(values.shape, np.uint8)
+    if not np.isfinite(values).all():
+        raise ImageError(f"image has NaN or infinite pixel values: {name}")
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 1.0:
+        raise ImageError(
+            f"float image values must lie in [0, 1], found [{low:g}, {high:g}] (pass 0-255 data as uint8): {name}"
+        )
+    work = np.float64 if values.dtype == np.float64 else np.float32
+    return np.rint(values.astype(work, copy=False) * work(255)).astype(np.uint8)
+
+
+def _int32_to_8bit(values: np.ndarray, name: str) -> np.ndarray:
+    # Mode I: what Pillow once gave 16-bit PNGs and still gives some TIFFs; read as 16-bit data.
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ImageError(
+            f"32-bit integer image (mode I) is read as 16-bit and must lie in [0, 65535], "
+            f"found [{values.min()}, {values.max()}]: {name}"
+        )
+    return _uint16_to_8bit(values)
+
+
+def _deep_to_8bit(strip: Image.Image, name: str) -> Image.Image:
+    """An I;16*, I or F strip as L, or LA when a 16-bit transparent value (PNG tRNS) is set."""
+    values = np.asarray(strip)
+    if strip.mode == "F":
+        eight = _floats_to_8bit(values, name)
+    elif strip.mode == "I":
+        eight = _int32_to_8bit(values, name)
+    else:
+        eight = _uint16_to_8bit(values)
+    transparency = strip.info.get("transparency")
+    if isinstance(transparency, int) and strip.mode != "F":
+        alpha = np.where(values == transparency, 0, 255).astype(np.uint8)
+        return Image.merge("LA", (Image.fromarray(eight), Image.fromarray(alpha)))
+    return Image.fromarray(eight)
+
+
+def _rows_per_strip(width: int) -> int:
+    return max(1, _STRIP_PIXELS // max(width, 1))
+
+
+def _array_to_8bit(array: np.ndarray, name: str) -> np.ndarray:
+    out = np.empty(array.shape, np.uint8)
+    rows = _rows_per_strip(array.shape[1] * (array.shape[2] if array.ndim == 3 else 1))
+    for top in range(0, array.shape[0], rows):
+        part = array[top : top + rows]
+        out[top : top + rows] = _uint16_to_8bit(part) if array.dtype == np.uint16 else _floats_to_8bit(part, name)
+    return out
+
+
+# ---------------------------------------------------------------- embedded colour profiles
+
+
+def _embedded_profile(image: Image.Image) -> tuple[str | None, Any]:
+    """(colour space "RGB" / "GRAY" / "CMYK", profile) of the embedded ICC profile, or (None, None)."""
+    icc = image.info.get("icc_profile")
+    if ImageCms is None or not icc:
+        return None, None
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = profile.profile.xcolor_space.strip()
+    except (OSError, ValueError, TypeError, AttributeError):  # PyCMSError is an OSError
+        return None, None  # a malformed profile: take the pixels as they are, as viewers do
+    return (space, profile) if space in ("RGB", "GRAY", "CMYK") else (None, None)
+
+
+def _renders_as_srgb(transform: Any, mode: str) -> bool:
+    """True when the RGB transform moves no probe colour by more than one level (an sRGB profile)."""
+    levels = np.arange(0, 256, 17, dtype=np.uint8)
+    lattice = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    expected = np.concatenate([lattice, ramp])[None]
+    probe = expected
+    if mode == "RGBA":
+        probe = np.concatenate([expected, np.full(expected.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    out = np.asarray(ImageCms.applyTransform(Image.fromarray(probe), transform))[..., :3]
+    return int(np.abs(out.astype(np.int16) - expected).max()) <= 1
+
+
+def _grey_to_srgb(profile: Any, srgb: Any) -> Callable[[Image.Image], Image.Image] | None:
+    # Little CMS's optimised 8-bit grey transforms are up to 10 levels off near black (measured with a
+    # linear grey profile); 256 inputs make an exact lookup table cheap instead.
+    exact = ImageCms.buildTransform(profile, srgb, "L", "RGB", flags=ImageCms.Flags.NOOPTIMIZE)
+    table = np.asarray(ImageCms.applyTransform(Image.fromarray(np.arange(256, dtype=np.uint8)[None]), exact))[0]
+    if int(np.abs(table.astype(np.int16) - np.arange(256)[:, None]).max()) <= 1:
+        return None
+    tables = [table[:, c].tolist() for c in range(3)]
+
+    def convert(strip: Image.Image) -> Image.Image:
+        rgb = Image.merge("RGB", [strip.getchannel(0).point(t) for t in tables])
+        if strip.mode == "LA":
+            rgb.putalpha(strip.getchannel("A"))
+        return rgb
+
+    return convert
+
+
+def _srgb_converter(space: str | None, profile: Any, mode: str) -> Callable[[Image.Image], Image.Image] | None:
+    """A function taking strips in `mode` from the embedded profile to sRGB (RGB or RGBA), or None when
+    there is no usable profile or it already renders as sRGB."""
+    if space is None:
+        return None
+    # (space, strip mode) -> (input mode, output mode) of the Little CMS transform
+    modes = {
+        ("RGB", "RGB"): ("RGB", "RGB"),
+        ("RGB", "RGBA"): ("RGBA", "RGBA"),
+        ("CMYK", "CMYK"): ("CMYK", "RGB"),
+    }.get((space, mode))
+    try:
+        srgb = ImageCms.createProfile("sRGB")
+        if space == "GRAY" and mode in ("L", "LA"):
+            return _grey_to_srgb(profile, srgb)
+        if modes is None:
+            return None
+        transform = ImageCms.buildTransform(profile, srgb, *modes)
+        if space == "RGB" and _renders_as_srgb(transform, mode):
+            return None
+    except (OSError, ValueError, TypeError, AttributeError):  # a profile Little CMS cannot use: pixels as they are
+        return None
+    return lambda strip: ImageCms.applyTransform(strip, transform)
+
+
+# ---------------------------------------------------------------- any mode to RGB
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    # The reference's rule (an alpha band, or tRNS / palette transparency), plus the premultiplied modes.
+    return "A" in image.getbands() or image.mode in ("La", "RGBa") or image.info.get("transparency") is not None
+
+
+def _working_mode(mode: str, alpha: bool, space: str | None) -> str:
+    """The 8-bit mode a strip is brought to before colour management (Pillow converts the rest itself)."""
+    if mode in _DEEP_MODES:
+        mode = "LA" if alpha and mode != "F" else "L"
+    mode = {"La": "LA", "RGBa": "RGBA"}.get(mode, mode)
+    if space is None:
+        return mode
+    if alpha and mode not in ("LA", "RGBA"):
+        # Transparency held in info (tRNS, palette alpha) becomes a band: transforms drop info.
+        return "LA" if space == "GRAY" and mode == "L" else "RGBA"
+    if space == "RGB" and mode in ("P", "PA"):
+        return "RGBA" if alpha else "RGB"
+    return mode
+
+
+def _rgb_converter(image: Image.Image, name: str) -> Callable[[Image.Image], Image.Image] | None:
+    """A function taking any strip of `image` to RGB, or None when `image` is RGB as it stands."""
+    alpha = _has_transparency(image)
+    space, profile = _embedded_profile(image)
+    mode = _working_mode(image.mode, alpha, space)
+    to_srgb = _srgb_converter(space, profile, mode)
+    if to_srgb is None:
+        mode = _working_mode(image.mode, alpha, None)  # no colour management: the reference's path
+    if image.mode == "RGB" and to_srgb is None and not alpha:
+        return None
+
+    def convert(strip: Image.Image) -> Image.Image:
+        if strip.mode in _DEEP_MODES:
+            strip = _deep_to_8bit(strip, name)
+        if strip.mode != mode:
+            strip = strip.convert(mode)
+        if to_srgb is not None:
+            strip = to_srgb(strip)
+        if alpha:
+            # PIL's own compositing onto white, as the reference does, one strip at a time.
+            white = Image.new("RGBA", strip.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, strip.convert("RGBA")).convert("RGB")
+        return strip if strip.mode == "RGB" else strip.convert("RGB")
+
+    return convert
+
+
+def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """RGB, 8 bits a channel, sRGB, any transparency composited onto white.
+
+    Works in strips of rows, so a large image costs its RGB result plus a few strip-sized temporaries
+    (converting a 30 MP RGBA whole took four full-size copies).
+    """
+    convert = _rgb_converter(image, name)
+    if convert is None:
+        return image  # convert("RGB") would only copy; skipping it saves a full copy of a huge photo
+    width, height = image.size
+    rows = _rows_per_strip(width)
+    if rows >= height:
+        return convert(image)
+    out = Image.new("RGB", image.size)
+    for top in range(0, height, rows):
+        box = (0, top, width, min(height, top + rows))
+        out.paste(convert(image.crop(box)), box[:2])
+    return out
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _open_header(path: str, limit: int) -> Image.Image:
+    """Open `path` lazily: the header is read (format, size, metadata), no pixel is decoded."""
     if not os.path.exists(path):
         raise ImageError(f"image file not found: {path}")
     if os.path.isdir(path):
         raise ImageError(f"image path is a directory, not a file: {path}")
-    with _PIL_LIMIT_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS
-        # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; put its threshold at ours
-        # and do the refusing ourselves, with a clear message.
-        Image.MAX_IMAGE_PIXELS = limit
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                try:
-                    image = Image.open(path)
-                except PermissionError:
-                    raise ImageError(f"image file is not readable (permission denied): {path}") from None
-                except Image.UnidentifiedImageError:
-                    raise ImageError(f"not an image file (unrecognised format): {path}") from None
-                except Image.DecompressionBombError:
-                    raise ImageError(
-                        f"image is too large (more than {limit / 1e6:.0f} megapixels, the limit): {path}"
-                    ) from None
-                except (OSError, SyntaxError, ValueError, EOFError) as exc:
-                    raise ImageError(
-                        f"cannot read image (corrupt or unsupported): {path} ({_one_line(exc)})"
-                    ) from None
-                width, height = image.size
-                if width * height > limit:
-                    image.close()
-                    raise ImageError(
-                        f"image is too large ({width}x{height} = {width * height / 1e6:.0f} megapixels, "
-                        f"limit {limit / 1e6:.0f}): {path}"
-                    )
-                try:
-                    # Decode now: truncation and corrupt data only surface when pixels are read.
-                    image.load()
-                except Image.DecompressionBombError:
-                    image.close()
-                    raise ImageError(
-                        f"image is too large (more than {limit / 1e6:.0f} megapixels, the limit): {path}"
-                    ) from None
-                except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
-                    image.close()
-                    raise ImageError(f"image file is truncated or corrupt: {path} ({_one_line(exc)})") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
+    try:
+        # Pillow checks its own bomb limit (the host's setting) here, from the header.
+        image = Image.open(path)
+    except PermissionError:
+        raise ImageError(f"image file is not readable (permission denied): {path}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"not an image file (unrecognised format): {path}") from None
+    except Image.DecompressionBombError:
+        raise _refused_by_pillow(path) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"cannot read image (corrupt or unsupported): {path} ({_one_line(exc)})") from None
+    try:
+        _check_pixels(image.size, limit, path)
+    except ImageError:
+        image.close()
+        raise
+    return image
+
+
+def _open_path(path: str, limit: int) -> Image.Image:
+    image = _open_header(path, limit)
+    try:
+        # Decode now: truncation and corrupt data only surface when pixels are read.
+        image.load()
+    except Image.DecompressionBombError:  # some formats check again per frame or tile
+        image.close()
+        raise _refused_by_pillow(path) from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        image.close()
+        raise ImageError(f"image file is truncated or corrupt: {path} ({_one_line(exc)})") from None
     try:
         # Files are shown upright by viewers; transformers' load_image applies the EXIF orientation too.
         ImageOps.exif_transpose(image, in_place=True)
@@ -223,34 +458,114 @@ def _open_path(path: str, limit: int) -> Image.Image:
     return image
 
 
-def _from_array(array: np.ndarray) -> Image.Image:
-    if array.dtype != np.uint8:
-        raise ImageError(f"unsupported image array dtype {array.dtype} (expected uint8)")
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+def _png_metadata(image: Image.Image, path: str) -> dict:
+    """The PNG's info as decoding leaves it: metadata chunks after the image data update it then.
+
+    Walks the chunk headers and seeks over the image data, so nothing is decompressed but text.
+    """
+    info = dict(image.info)
+    try:
+        with open(path, "rb") as fp:
+            if fp.read(8) != b"\x89PNG\r\n\x1a\n":
+                return info
+            stream = PngImagePlugin.PngStream(fp)
+            stream.im_info = info
+            after_data = False
+            animated = bool(getattr(image, "is_animated", False))
+            while True:
+                cid, pos, length = stream.read()
+                # Decoding the first frame reads up to IEND, or to the next frame's fcTL.
+                if cid == b"IEND" or (after_data and animated and cid == b"fcTL"):
+                    break
+                if after_data and cid in (b"eXIf", b"tEXt", b"zTXt", b"iTXt"):
+                    stream.call(cid, pos, length)
+                else:
+                    fp.seek(pos + length)
+                after_data = after_data or cid in (b"IDAT", b"fdAT")
+                fp.read(4)  # CRC
+    except (OSError, EOFError, SyntaxError, ValueError, struct.error):
+        pass  # a damaged tail is for decoding to report
+    return info
+
+
+def _stored_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as stored, before any EXIF orientation."""
+    tags = getattr(image, "tag_v2", None)
+    if image.format == "TIFF" and tags is not None and 256 in tags and 257 in tags:
+        # Recent Pillow reports a TIFF's size already upright (and transposes it when decoding).
+        return int(tags[256]), int(tags[257])
+    return image.size
+
+
+def _orientation(image: Image.Image, path: str) -> int:
+    """The EXIF orientation loading would apply, read without decoding."""
+    try:
+        if image.format == "PNG":
+            # PngImageFile.getexif decodes the image to reach chunks after the data; read them directly.
+            carrier = Image.new("1", (1, 1))
+            carrier.info = _png_metadata(image, path)
+            exif = carrier.getexif()
+        else:
+            exif = image.getexif()
+        return int(exif.get(_ORIENTATION, 1))
+    except Exception as exc:  # as loading: a malformed EXIF block is an ImageError
+        raise ImageError(f"cannot apply EXIF orientation of {path}: {_one_line(exc)}") from None
+
+
+def _check_array(array: np.ndarray) -> None:
+    if not (array.dtype in (np.uint8, np.uint16) or array.dtype.kind == "f"):
         raise ImageError(
-            f"unsupported image array shape {tuple(array.shape)} (expected HxW, HxWx3 or HxWx4 uint8, channels last)"
+            f"unsupported image array dtype {array.dtype} (expected uint8, uint16, or floats in [0, 1])"
+        )
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))):
+        raise ImageError(
+            f"unsupported image array shape {tuple(array.shape)} (expected HxW, HxWx1, HxWx3 or HxWx4, channels last)"
         )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageError(f"image array has zero size {tuple(array.shape)}")
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    _check_array(array)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.dtype != np.uint8:
+        array = _array_to_8bit(array, "<numpy array>")
     # uint8 HxW / HxWx3 / HxWx4 map to Pillow's L / RGB / RGBA.
     return Image.fromarray(np.ascontiguousarray(array))
 
 
+def _path_of(source: Any) -> str | None:
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = os.fspath(source)
+    return os.fsdecode(path) if isinstance(path, bytes) else path
+
+
+def _unsupported_source(source: Any) -> ImageError:
+    return ImageError(
+        f"unsupported image source of type {type(source).__name__} (expected a path, a PIL image or a numpy array)"
+    )
+
+
 def load_image(source: Any, *, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Load ``source`` (path, PIL image or uint8 numpy array) as a decoded RGB PIL image.
+    """Load ``source`` (path, PIL image or numpy array) as a decoded 8-bit sRGB PIL image.
 
     Paths get their EXIF orientation applied (as transformers does when given a path); PIL images and
-    arrays are taken as they are. Transparency is composited onto white. Every failure is an ImageError.
+    arrays are taken as they are. Arrays may be uint8, uint16 or floats in [0, 1], HxW or HxWxC with 1,
+    3 or 4 channels. Animated and multi-page files give their first frame (as transformers does); a PIL
+    image gives its current frame. Transparency is composited onto white, embedded colour profiles are
+    converted to sRGB, and more than ``max_image_pixels`` pixels are refused before decoding. Every
+    failure is an ImageError with a one-line message.
     """
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
+    path = _path_of(source)
+    if path is not None:
         image = _open_path(path, max_image_pixels)
         try:
-            rgb = _to_rgb(image)
+            rgb = _to_rgb(image, path)
+        except ImageError:
+            image.close()
+            raise
         except (OSError, ValueError) as exc:
             image.close()
             raise ImageError(f"cannot convert image to RGB: {path} ({_one_line(exc)})") from None
@@ -258,17 +573,64 @@ def load_image(source: Any, *, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Imag
             image.close()  # multi-frame files keep their file handle open until closed
         return rgb
     if isinstance(source, Image.Image):
+        name = getattr(source, "filename", "") or "<PIL image>"
+        _check_pixels(source.size, max_image_pixels, name)  # before a lazily opened image decodes
         try:
             source.load()  # a lazily opened image may still be truncated
-            return _to_rgb(source)
+        except Image.DecompressionBombError:
+            raise _refused_by_pillow(name) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            name = getattr(source, "filename", "") or "<PIL image>"
             raise ImageError(f"cannot decode image {name}: {_one_line(exc)}") from None
+        try:
+            return _to_rgb(source, name)
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"cannot convert image to RGB: {name} ({_one_line(exc)})") from None
     if isinstance(source, np.ndarray):
-        return _to_rgb(_from_array(source))
-    raise ImageError(
-        f"unsupported image source of type {type(source).__name__} (expected a path, a PIL image or a numpy array)"
-    )
+        _check_array(source)
+        _check_pixels((source.shape[1], source.shape[0]), max_image_pixels, "<numpy array>")
+        return _to_rgb(_from_array(source), "<numpy array>")
+    raise _unsupported_source(source)
+
+
+def image_size(source: Any, *, max_image_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of ``source`` as ``load_image`` would return it, reading only the file header.
+
+    Paths are upright (EXIF orientations 5-8 swap the sides). Raises the ImageErrors loading raises for
+    a missing, unreadable, unrecognised or too large file; damage inside the pixel data (truncation)
+    only shows when the image is decoded.
+    """
+    path = _path_of(source)
+    if path is not None:
+        image = _open_header(path, max_image_pixels)
+        try:
+            width, height = _stored_size(image)
+            if _orientation(image, path) in _SWAPPING_ORIENTATIONS:
+                width, height = height, width
+        finally:
+            image.close()
+        return width, height
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, max_image_pixels, getattr(source, "filename", "") or "<PIL image>")
+        return source.size
+    if isinstance(source, np.ndarray):
+        _check_array(source)
+        size = (int(source.shape[1]), int(source.shape[0]))
+        _check_pixels(size, max_image_pixels, "<numpy array>")
+        return size
+    raise _unsupported_source(source)
+
+
+def image_grid(
+    source: Any, settings: ImageProcessorSettings, *, max_image_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid ``preprocess_images`` gives ``source``, from its header alone.
+
+    Visual tokens are t * h * w / merge_size**2; a caller can count them and admit memory before any
+    image is decoded.
+    """
+    width, height = image_size(source, max_image_pixels=max_image_pixels)
+    new_h, new_w = smart_resize(height, width, settings.factor, settings.min_pixels, settings.max_pixels)
+    return 1, new_h // settings.patch_size, new_w // settings.patch_size
 
 
 @dataclass
@@ -311,7 +673,7 @@ def _patchify(normalised: np.ndarray, settings: ImageProcessorSettings) -> np.nd
 
 
 def preprocess_images(images: list, settings: ImageProcessorSettings) -> ProcessedImages:
-    """Turn images (paths, PIL images or uint8 arrays) into the vision encoder's pixel_values + grids."""
+    """Turn images (paths, PIL images or numpy arrays) into the vision encoder's pixel_values + grids."""
     if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
         images = [images]
     table = _normalisation_table(settings)

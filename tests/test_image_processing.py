@@ -141,18 +141,23 @@ def test_exif_orientation_applied_for_paths(tmp_path):
     assert ours.image_grid_thw.shape == (1, 3)
 
 
-def test_big_image_accepted_beyond_pillow_default_limit(tmp_path, monkeypatch):
-    # Shrink Pillow's bomb limit so a small file stands in for a 50+ MP photo: Pillow alone would refuse it.
+def test_pillow_bomb_limit_is_the_hosts_and_ours_applies_beyond_it(tmp_path, monkeypatch):
+    # Issue 11: Image.MAX_IMAGE_PIXELS belongs to the host program. A small file stands in for a huge one.
     path = tmp_path / "big.png"
     Image.fromarray(random_rgb(60, 60, seed=8)).save(path)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the host's limit: Pillow refuses above 2000
     with pytest.raises(Image.DecompressionBombError):
         Image.open(path)
+    with pytest.raises(ImageError, match="too large") as info:
+        load_image(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # left as the host set it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the host disabled Pillow's check
     assert load_image(path).size == (60, 60)
-    assert Image.MAX_IMAGE_PIXELS == 1000  # restored
     with pytest.raises(ImageError, match="too large") as info:
         load_image(path, max_image_pixels=3000)
     assert str(path) in str(info.value)
+    assert Image.MAX_IMAGE_PIXELS is None
 
 
 def test_smart_resize_matches_reference():
@@ -276,9 +281,9 @@ def test_directory_and_unreadable(tmp_path, monkeypatch):
     "array",
     [
         np.zeros((8, 8, 2), np.uint8),
-        np.zeros((8, 8, 3), np.float32),
+        np.zeros((8, 8, 3), np.int32),  # uint16 and float arrays are images since issue 11
         np.zeros((2, 8, 8, 3), np.uint8),
-        np.zeros((8, 8, 3), np.uint16),
+        np.zeros((8, 8, 3), np.bool_),
     ],
 )
 def test_unsupported_array(array):
