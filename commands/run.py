@@ -55,7 +55,7 @@ def run(args) -> int:
     if args.json:
         result = pipe.generate(args.prompt, images=args.image, logprobs=args.logprobs, **options)
         backend_choice.announce(args, pipe)
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), **backend_choice.report(args, pipe)}))
         return 0
     pieces = pipe.stream(args.prompt, images=args.image, **options)
     first = next(pieces, "")  # the request is checked and prefilled before the first piece
