@@ -20,6 +20,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--vision-precision", choices=("fp32", "int8"), default=None,
                         help="vision encoder weights; int8 (default for int8/int4 builds) also computes in INT8 "
                              "on the CPU, ~1.5x faster than fp32 (the default for fp32/fp16 builds)")
+    parser.add_argument("--kv-dtype", choices=("fp32", "fp16", "int8"), default=None,
+                        help="KV cache storage type (default: the graph's, fp32 or fp16 for fp16 builds); "
+                             "--backend trt: fp16 storage with fp32 math is the Pascal mode")
     parser.add_argument("--max-context", type=int, default=8192,
                         help="longest prompt + answer in tokens (default 8192: a laptop's budget)")
     parser.set_defaults(handler=run)
@@ -35,6 +38,7 @@ def run(args) -> int:
 
     out = build_engine(args.checkpoint, args.out, backend=args.backend, precision=args.precision,
                        max_context=args.max_context, progress=progress, block_size=args.block_size,
-                       symmetric=not args.asymmetric, vision_precision=args.vision_precision)
+                       symmetric=not args.asymmetric, vision_precision=args.vision_precision,
+                       kv_dtype=args.kv_dtype)
     progress(f"engine written to {out}")
     return 0

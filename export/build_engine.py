@@ -27,17 +27,20 @@ from runtime.engine_manifest import MANIFEST, Manifest, sha256_file
 from runtime.errors import CheckpointError, Qwen3VLError
 from runtime.prompt import load_chat_template
 
-from graph_passes.pass_runner import TRT_PASSES, ort_passes, run_passes
+from graph_passes.pass_runner import TRT_KV_DTYPES, ort_passes, run_passes, trt_passes
 
 from .decoder_graph import export_decoder
 from .engine_folder import EngineReplacement, check_target
 from .stand_in_weights import attach_weights, use_stand_in_parameters
+from .trt_engine import write_graph_io
 from .vision_graph import export_vision
 
 # Graph dtype of each precision; int8/int4 keep fp32 activations with weight-only quantized linears.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
 BLOCK_SIZES = (32, 64, 128)
 VISION_PRECISIONS = ("fp32", "int8")
+# KV cache storage types --kv-dtype names; the TensorRT graphs take fp32/fp16 (TRT_KV_DTYPES).
+KV_DTYPES = ("fp32", "fp16", "int8")
 # "trt" also writes TensorRT-target graphs (plugin nodes) beside the ONNX Runtime ones; both read the
 # same weight files, and the ONNX Runtime graphs remain the CPU fallback.
 BACKENDS = ("ort", "trt")
@@ -56,9 +59,11 @@ def build_engine(
     accuracy_level: int = 4,
     apply_graph_passes: bool = True,
     vision_precision: str | None = None,
+    kv_dtype: str | None = None,
 ) -> Path:
     """`apply_graph_passes=False` keeps the graphs as exported (tests compare passes against them).
-    `vision_precision` "fp32" or "int8"; default int8 for int8/int4 builds, else the graph's dtype."""
+    `vision_precision` "fp32" or "int8"; default int8 for int8/int4 builds, else the graph's dtype.
+    `kv_dtype` the KV cache's storage type; default the graph's (fp32, fp16 for fp16 builds)."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if block_size not in BLOCK_SIZES:
         raise Qwen3VLError(f"unsupported block size {block_size} (choose from {', '.join(map(str, BLOCK_SIZES))})")
@@ -74,6 +79,7 @@ def build_engine(
         raise Qwen3VLError("--vision-precision int8 needs FP32 activations: use it with --precision fp32, int8 or int4")
     if max_context < 16:
         raise Qwen3VLError(f"--max-context {max_context} is too small")
+    kv_dtype = _check_kv_dtype(kv_dtype, backend, precision)
     check_target(out, checkpoint_dir)
 
     config = load_config(checkpoint_dir)
@@ -97,7 +103,7 @@ def build_engine(
                 passes = ort_passes(part, precision, block_size, symmetric, accuracy_level, vision_precision, backend)
             applied += [f"{part}:{name}" for name in _apply_passes(part, staging, passes, progress)]
             if backend == "trt":
-                applied += [f"{part}.trt:{name}" for name in _write_trt_graph(part, staging, progress)]
+                applied += [f"{part}.trt:{name}" for name in _write_trt_graph(part, staging, kv_dtype, progress)]
         files = {
             "vision": "vision.onnx",
             "decoder": "decoder.onnx",
@@ -106,6 +112,7 @@ def build_engine(
         }
         if backend == "trt":
             files.update({"vision_trt": "vision.trt.onnx", "decoder_trt": "decoder.trt.onnx"})
+            files["trt_io"] = write_graph_io(staging, files)  # the graphs' inputs, for compiling plans later
         tokenizer = checkpoint_dir / "tokenizer.json"
         if not tokenizer.is_file():
             raise CheckpointError(f"{tokenizer}: missing")
@@ -126,6 +133,7 @@ def build_engine(
             versions=_versions(),
             graph_passes=["decoder:fused_attention:GroupQueryAttention", *applied],
             generation_defaults=generation_defaults,
+            kv_dtype=kv_dtype,
         )
         (staging / MANIFEST).write_text(manifest.to_json())
         replacement.commit()
@@ -171,11 +179,26 @@ def _apply_passes(part: str, staging: Path, passes: list, progress) -> list[str]
     return run_passes(staging / f"{part}.onnx", passes, on_pass=report)
 
 
-def _write_trt_graph(part: str, staging: Path, progress) -> list[str]:
+def _write_trt_graph(part: str, staging: Path, kv_dtype: str, progress) -> list[str]:
     """`<part>.trt.onnx`: the ONNX Runtime graph with fused nodes turned into plugin nodes."""
-    changed = run_passes(staging / f"{part}.onnx", TRT_PASSES, out_path=staging / f"{part}.trt.onnx")
+    changed = run_passes(staging / f"{part}.onnx", trt_passes(kv_dtype), out_path=staging / f"{part}.trt.onnx")
     progress(f"{part}: TensorRT graph with {', '.join(changed) or 'no plugin nodes'}")
     return changed
+
+
+def _check_kv_dtype(kv_dtype: str | None, backend: str, precision: str) -> str:
+    """The KV cache storage type a build writes; its one-line refusals."""
+    own = "fp16" if precision == "fp16" else "fp32"  # what the exported graphs hold
+    kv_dtype = kv_dtype or own
+    if kv_dtype not in KV_DTYPES:
+        raise Qwen3VLError(f"unsupported KV cache type {kv_dtype!r} (choose from {', '.join(KV_DTYPES)})")
+    if backend == "trt" and kv_dtype not in TRT_KV_DTYPES:
+        raise Qwen3VLError(f"--kv-dtype {kv_dtype}: the TensorRT attention plugin stores its KV cache as "
+                           f"{' or '.join(TRT_KV_DTYPES)} ({kv_dtype} is not implemented)")
+    if backend == "ort" and kv_dtype != own:
+        raise Qwen3VLError(f"--kv-dtype {kv_dtype}: the ONNX Runtime graphs keep a {own} KV cache for now (they will "
+                           f"honour --kv-dtype with the KV-cache issue); --backend trt writes TensorRT graphs with it")
+    return kv_dtype
 
 
 def _check_weights(checkpoint_dir: Path, config) -> None:

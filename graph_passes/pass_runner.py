@@ -28,6 +28,7 @@ from .fuse_rmsnorm import fuse_rmsnorm
 from .quantize_dynamic_int8 import dynamic_int8_weights
 from .quantize_weights import quantize_weights
 from .trt_attention import trt_attention
+from .trt_kv_cache import PLUGIN_KV_TYPES, trt_kv_cache
 from .trt_rmsnorm import trt_rmsnorm
 from .trt_vision_attention import trt_vision_attention
 from .trt_weight_gemm import trt_weight_gemm
@@ -44,6 +45,14 @@ class GraphPass(Protocol):
 # The TensorRT target: a copy of each ONNX Runtime graph with its fused nodes turned into plugin
 # nodes, sharing its weight file.
 TRT_PASSES = (trt_attention, trt_rmsnorm, trt_weight_gemm, trt_vision_attention)
+# KV cache storage types the TensorRT graphs can be built with (the attention plugin's).
+TRT_KV_DTYPES = tuple(PLUGIN_KV_TYPES)
+
+
+def trt_passes(kv_dtype: str | None = None) -> list[GraphPass]:
+    """The TensorRT target's passes; with `kv_dtype` (fp32/fp16) the KV cache is stored in that type
+    whatever the graph's activations (trt_kv_cache runs after trt_attention made the plugin nodes)."""
+    return [*TRT_PASSES, *([trt_kv_cache(kv_dtype)] if kv_dtype is not None else [])]
 
 
 def ort_passes(part: str, precision: str, block_size: int, symmetric: bool, accuracy_level: int,

@@ -11,6 +11,13 @@ onnx.reference knows none of them.
 
 Every kernel computes in float32 and rounds once to the storage type on the way out, as the plugins
 must (FP16 arithmetic on Pascal runs at 1/64 rate).
+
+The plugin ops take exactly what TensorRT 8.6's parser hands the plugins, and refuse anything else:
+packed weights, tables and zero points as int32 words (reinterpreted as the uint8 bytes of
+MatMulNBits' layout, as the plugins reinterpret their pointers), int32 indices, no bool input, and
+the KV cache in its `kv_cache_type` (float16 storage with float32 math). The kernels below
+(`weight_only_gemm`, `quantized_gather`, `vision_attention`, ...) work on the bytes and masks
+themselves, as the CUDA kernels' C API does.
 """
 
 from __future__ import annotations
@@ -149,9 +156,16 @@ def quantized_gather(data, indices, scales, zero_points, bits: int, block_size: 
 def vision_attention(q, k, v, frame_patch_index, frame_patch_mask, patch_frame_slot, num_heads: int,
                      head_dim: int, scale: float) -> np.ndarray:
     """Block-diagonal attention over packed patches: q/k/v (N, H*D); patch n attends to the patches
-    of its own frame (the unmasked slots of row patch_frame_slot[n] // L of frame_patch_index)."""
+    of its own frame (the slots of row patch_frame_slot[n] // L of frame_patch_index that hold a
+    patch). A slot holds a patch when its index is in [0, N) and, if a mask is given (the kernel's
+    optional bool mask), the mask is set; the plugin gets no mask and padding slots hold -1."""
     frames, longest = frame_patch_index.shape
-    index = frame_patch_index.reshape(-1).astype(np.int64)
+    raw = frame_patch_index.reshape(frames, longest).astype(np.int64)
+    present = (raw >= 0) & (raw < q.shape[0])
+    if frame_patch_mask is not None:
+        present &= np.asarray(frame_patch_mask).astype(bool)
+    frame_patch_mask = present
+    index = np.where(present, raw, 0).reshape(-1)
 
     def per_frame(t):  # (N, H*D) -> (F, H, L, D)
         return t.astype(F32)[index].reshape(frames, longest, num_heads, head_dim).transpose(0, 2, 1, 3)
@@ -240,20 +254,56 @@ class Qwen3VLRMSNorm(OpRun):
         return (y, total) if emit_sum else (y,)
 
 
+# What the plugins' tensors may be: the types TensorRT 8.6 offers a plugin (FLOAT, HALF, INT32).
+_ACTIVATIONS = (np.float32, np.float16)
+_KV_TYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def expect_type(plugin: str, name: str, array: np.ndarray, *types) -> None:
+    """Refuses an input of a type the plugin is not handed (uint8, bool, int64 never are in 8.6)."""
+    if np.asarray(array).dtype not in [np.dtype(t) for t in types]:
+        raise TypeError(f"{plugin}: input {name} is {np.asarray(array).dtype}, the plugin takes "
+                        f"{' or '.join(np.dtype(t).name for t in types)}")
+
+
+def word_bytes(words: np.ndarray) -> np.ndarray:
+    """int32 words -> their little-endian bytes, last axis 4x longer: the plugin's pointer cast."""
+    words = np.ascontiguousarray(words, dtype="<i4")
+    return words.view(np.uint8).reshape(*words.shape[:-1], words.shape[-1] * 4)
+
+
+def zero_point_bytes(words: np.ndarray, rows: int, k_blocks: int, bits: int) -> np.ndarray:
+    """Flat int32 zero points -> MatMulNBits' uint8 (rows, ceil(k_blocks * bits / 8)), padding dropped."""
+    row = -(-k_blocks * bits // 8)
+    data = word_bytes(np.asarray(words).reshape(-1))
+    if data.size < rows * row or data.size - rows * row >= 4:
+        raise ValueError(f"zero points: {data.size} bytes for {rows} rows of {row} (padded to a whole word)")
+    return data[: rows * row].reshape(rows, row)
+
+
 class Qwen3VLAttention(OpRun):
     op_domain = PLUGIN_DOMAIN
 
     def _run(self, q, k, v, q_norm_weight, k_norm_weight, cos, sin, past_key, past_value, seqlens_k,
              total_sequence_length, num_heads=None, kv_num_heads=None, head_dim=None, scale=None, epsilon=None,
              kv_cache_type="fp32", **plugin):
-        if kv_cache_type not in ("fp32", "fp16"):
+        if kv_cache_type not in _KV_TYPES:
             raise NotImplementedError(f"Qwen3VLAttention reference: kv_cache_type {kv_cache_type!r}")
+        expect_type("Qwen3VLAttention", "q", q, *_ACTIVATIONS)
+        for name, value in (("k", k), ("v", v), ("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight),
+                            ("cos", cos), ("sin", sin)):
+            expect_type("Qwen3VLAttention", name, value, q.dtype)
+        for name, value in (("past_key", past_key), ("past_value", past_value)):
+            expect_type("Qwen3VLAttention", name, value, _KV_TYPES[kv_cache_type])
+        for name, value in (("seqlens_k", seqlens_k), ("total_sequence_length", total_sequence_length)):
+            expect_type("Qwen3VLAttention", name, value, np.int32)
         return qwen3vl_attention(q, k, v, q_norm_weight, k_norm_weight, cos, sin, past_key, past_value, seqlens_k,
                                  total_sequence_length, num_heads, kv_num_heads, head_dim, scale, epsilon)
 
 
 class Qwen3VLWeightOnlyGemm(OpRun):
-    """(A, B, scales[, zero_points if has_zero_points][, bias if has_bias]) -> Y."""
+    """(A, B, scales[, zero_points if has_zero_points][, bias if has_bias]) -> Y; B int32
+    (N, k_blocks, blob / 4) and zero points flat int32 words over MatMulNBits' bytes."""
 
     op_domain = PLUGIN_DOMAIN
 
@@ -262,23 +312,51 @@ class Qwen3VLWeightOnlyGemm(OpRun):
         rest = list(rest)
         zero_points = rest.pop(0) if has_zero_points else None
         bias = rest.pop(0) if has_bias else None
-        return (weight_only_gemm(a, b, scales, zero_points, bias, K, N, bits, block_size),)
+        expect_type("Qwen3VLWeightOnlyGemm", "A", a, *_ACTIVATIONS)
+        expect_type("Qwen3VLWeightOnlyGemm", "B", b, np.int32)
+        k_blocks = -(-K // block_size)
+        if b.shape != (N, k_blocks, block_size * bits // 32):
+            raise ValueError(f"Qwen3VLWeightOnlyGemm: B {b.shape}, expected {(N, k_blocks, block_size * bits // 32)}")
+        if zero_points is not None:
+            expect_type("Qwen3VLWeightOnlyGemm", "zero_points", zero_points, np.int32)
+            zero_points = zero_point_bytes(zero_points, N, k_blocks, bits)
+        return (weight_only_gemm(a, word_bytes(b), scales, zero_points, bias, K, N, bits, block_size),)
 
 
 class Qwen3VLQuantizedGather(OpRun):
+    """(data, indices, scales[, zero_points]) -> Y; data int32 (V, k_blocks, blob / 4), indices int32."""
+
     op_domain = PLUGIN_DOMAIN
 
     def _run(self, data, indices, scales, zero_points=None, bits=4, block_size=None, has_zero_points=0, **plugin):
-        return (quantized_gather(data, indices, scales, zero_points if has_zero_points else None, bits, block_size),)
+        expect_type("Qwen3VLQuantizedGather", "data", data, np.int32)
+        expect_type("Qwen3VLQuantizedGather", "indices", indices, np.int32)
+        expect_type("Qwen3VLQuantizedGather", "scales", scales, *_ACTIVATIONS)
+        rows, k_blocks = scales.shape
+        if data.shape != (rows, k_blocks, block_size * bits // 32):
+            raise ValueError(f"Qwen3VLQuantizedGather: data {data.shape}, expected "
+                             f"{(rows, k_blocks, block_size * bits // 32)}")
+        if has_zero_points:
+            expect_type("Qwen3VLQuantizedGather", "zero_points", zero_points, np.int32)
+            zero_points = zero_point_bytes(zero_points, rows, k_blocks, bits)
+        else:
+            zero_points = None
+        return (quantized_gather(word_bytes(data).reshape(rows, -1), indices, scales, zero_points, bits,
+                                 block_size),)
 
 
 class Qwen3VLVisionAttention(OpRun):
+    """(q, k, v, frame_patch_index, patch_frame_slot) -> output; indices int32, padding slots hold an
+    index outside [0, N) (the graph writes -1 where the mask is unset)."""
+
     op_domain = PLUGIN_DOMAIN
 
-    def _run(self, q, k, v, frame_patch_index, frame_patch_mask, patch_frame_slot, num_heads=None, head_dim=None,
-             scale=None, **plugin):
-        return (vision_attention(q, k, v, frame_patch_index, frame_patch_mask, patch_frame_slot, num_heads,
-                                 head_dim, scale),)
+    def _run(self, q, k, v, frame_patch_index, patch_frame_slot, num_heads=None, head_dim=None, scale=None, **plugin):
+        for name, value in (("q", q), ("k", k), ("v", v)):
+            expect_type("Qwen3VLVisionAttention", name, value, *_ACTIVATIONS)
+        expect_type("Qwen3VLVisionAttention", "frame_patch_index", frame_patch_index, np.int32)
+        expect_type("Qwen3VLVisionAttention", "patch_frame_slot", patch_frame_slot, np.int32)
+        return (vision_attention(q, k, v, frame_patch_index, None, patch_frame_slot, num_heads, head_dim, scale),)
 
 
 PLUGIN_OPS = (Qwen3VLRMSNorm, Qwen3VLAttention, Qwen3VLWeightOnlyGemm, Qwen3VLQuantizedGather, Qwen3VLVisionAttention)

@@ -9,10 +9,14 @@ rotary, as a padded per-frame batch:
     out = Gather(Reshape(Transpose(Softmax(scores) @ Transpose(per_frame(v), 0213), 0213), (F*L, heads*D)),
                  patch_frame_slot)
 (with float Casts around the Softmax), and this pass rewrites it to
+    marked = Where(frame_patch_mask, Cast(frame_patch_index, int32), -1)        # once per graph
     out = Qwen3VLVisionAttention(Reshape(q, (-1, heads*D)), Reshape(k, ..), Reshape(v, ..),
-                                 frame_patch_index, frame_patch_mask, patch_frame_slot)
-The reshapes only relabel (N, heads, D) as (N, heads*D). The match starts at each Softmax and
-follows data edges; reshape targets are evaluated symbolically against frame_patch_index's shape.
+                                 marked, Cast(patch_frame_slot, int32))
+The reshapes only relabel (N, heads, D) as (N, heads*D). The mask does not reach the plugin
+(TensorRT 8.6 plugins take no bool input): padding slots carry the index -1 instead, which the
+plugin treats as padding like any index outside [0, N); the index tensors are int32 whatever the
+graph's type (8.6 narrows int64 anyway; 10.x would pass int64 on). The match starts at each Softmax
+and follows data edges; reshape targets are evaluated symbolically against frame_patch_index's shape.
 Contract: trt_plugins/vision_attention/README.md; numpy reference: graph_passes/plugin_reference.py.
 """
 
@@ -40,7 +44,9 @@ class TrtVisionAttention:
         types = tensor_types(model)
         graph = import_graph(model)
         flat_shapes: dict[int, gs.Constant] = {}  # one (-1, heads*D) shape constant per width
-        fused = sum(_fuse(graph, node, types, flat_shapes) for node in list(graph.nodes) if is_node(node, "Softmax"))
+        layouts: dict[tuple, tuple] = {}  # (index, mask, slot) -> the plugin's (marked index, slot), made once
+        fused = sum(_fuse(graph, node, types, flat_shapes, layouts) for node in list(graph.nodes)
+                    if is_node(node, "Softmax"))
         if not fused:
             return False
         export_graph(graph, model)
@@ -50,7 +56,7 @@ class TrtVisionAttention:
 trt_vision_attention = TrtVisionAttention()
 
 
-def _fuse(graph: gs.Graph, softmax: gs.Node, types: dict, flat_shapes: dict) -> bool:
+def _fuse(graph: gs.Graph, softmax: gs.Node, types: dict, flat_shapes: dict, layouts: dict) -> bool:
     shapes = known_shapes(types)
     if softmax.attrs.get("axis", -1) not in (-1, 3):
         return False
@@ -122,13 +128,33 @@ def _fuse(graph: gs.Graph, softmax: gs.Node, types: dict, flat_shapes: dict) -> 
         flat_shapes[width] = gs.Constant(f"qwen3vl_vision_attention_flat_{width}", np.array([-1, width], np.int64))
     flat = [_flatten(graph, t, flat_shapes[width], f"{scope}/{name}_flat")
             for t, name in ((q, "q"), (k, "k"), (v, "v"))]
+    key = (id(index), id(mask), id(slot))
+    if key not in layouts:
+        layouts[key] = _plugin_layout(graph, index, mask, slot)
     scatter.outputs.clear()
     graph.nodes.append(gs.Node(
         "Qwen3VLVisionAttention", name=f"{scope}/Qwen3VLVisionAttention", domain=PLUGIN_DOMAIN,
         attrs=plugin_attrs(num_heads=int(heads), head_dim=int(head_dim), scale=float(scale)),
-        inputs=[*flat, index, mask, slot], outputs=[output],
+        inputs=[*flat, *layouts[key]], outputs=[output],
     ))
     return True
+
+
+def _plugin_layout(graph: gs.Graph, index: gs.Tensor, mask: gs.Tensor, slot: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor]:
+    """(Where(mask, int32 index, -1), int32 slot): the layout as the plugin takes it, shared by every block."""
+    index32, slot32 = _int32(graph, index), _int32(graph, slot)
+    marked = gs.Variable(f"{index.name}_marked", dtype=np.int32, shape=index.shape)
+    padding = gs.Constant(f"{index.name}_padding", np.array(-1, np.int32))
+    graph.nodes.append(gs.Node("Where", name=f"{index.name}_marked/Where", inputs=[mask, index32, padding],
+                               outputs=[marked]))
+    return marked, slot32
+
+
+def _int32(graph: gs.Graph, tensor: gs.Tensor) -> gs.Tensor:
+    out = gs.Variable(f"{tensor.name}_int32", dtype=np.int32, shape=tensor.shape)
+    graph.nodes.append(gs.Node("Cast", name=f"{tensor.name}_int32/Cast", attrs={"to": onnx.TensorProto.INT32},
+                               inputs=[tensor], outputs=[out]))
+    return out
 
 
 def _per_frame(tensor: gs.Tensor, perm: tuple, shapes: dict):

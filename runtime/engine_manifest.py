@@ -63,6 +63,7 @@ class Manifest:
     generation_defaults: dict = field(default_factory=dict)  # the checkpoint's sampling defaults
     # KV cache storage type the build asked for (fp32/fp16): the TensorRT graphs hold it, the ONNX
     # Runtime graphs their own until they honour --kv-dtype. None: manifests from before the field.
+    kv_dtype: str | None = None
 
     def to_json(self) -> str:
         body = asdict(self)
@@ -117,6 +118,7 @@ def load_manifest(engine_dir: str | Path, verify_hashes: bool = False) -> Manife
             }),
             **{k: raw[k] for k in ("backend", "precision", "max_context", "files", "hashes", "sizes", "versions",
                                    "graph_passes", "generation_defaults")},
+            kv_dtype=raw.get("kv_dtype"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise EngineError(f"{path}: incomplete manifest ({exc})") from None
