@@ -8,8 +8,16 @@ import time
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("build", help="export a checkpoint to an engine folder")
-    parser.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
-    parser.add_argument("--out", required=True, help="engine folder to create (replaced if it is an engine)")
+    parser.add_argument("--checkpoint", help="Hugging Face checkpoint folder (required unless --compile-only)")
+    parser.add_argument("--out", help="engine folder to create (replaced if it is an engine)")
+    parser.add_argument("--engine", help="with --compile-only: the engine folder (built with --backend trt) whose "
+                                         "TensorRT plans to compile on this machine")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile (or check) the TensorRT plans of --engine for this GPU; no export")
+    parser.add_argument("--plugins", help="the TensorRT plugin library (default: $QWEN3VL_TRT_PLUGINS, else "
+                                          "build/plugins/libqwen3vl_plugins.so from `make plugins`)")
+    parser.add_argument("--trt-fp16", action="store_true",
+                        help="let TensorRT 8.6 pick FP16 kernels (off by default on SM 6.x, where FP16 math is slow)")
     parser.add_argument("--backend", choices=("ort", "trt"), default="ort",
                         help="trt: also write TensorRT-target graphs (plugin nodes) beside the ONNX Runtime ones")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
@@ -29,16 +37,31 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from export.build_engine import build_engine
+    from export.trt_engine import compile_plans  # needs neither torch nor onnx: --compile-only on the target
+    from runtime.errors import Qwen3VLError
+    from runtime.trt_plans import PlanSettings
 
     start = time.perf_counter()
 
     def progress(message: str) -> None:
         print(f"build [{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
 
+    settings = PlanSettings(fp16=True if args.trt_fp16 else None)
+    if args.compile_only:
+        if not args.engine or args.checkpoint or args.out:
+            raise Qwen3VLError("--compile-only compiles the TensorRT plans of an existing engine: give --engine E "
+                               "(and no --checkpoint or --out)")
+        compile_plans(args.engine, progress, plugins=args.plugins, settings=settings, required=True)
+        return 0
+    if args.engine or not args.checkpoint or not args.out:
+        raise Qwen3VLError("build needs --checkpoint and --out (or --engine E --compile-only)")
+    from export.build_engine import build_engine
+
     out = build_engine(args.checkpoint, args.out, backend=args.backend, precision=args.precision,
                        max_context=args.max_context, progress=progress, block_size=args.block_size,
                        symmetric=not args.asymmetric, vision_precision=args.vision_precision,
                        kv_dtype=args.kv_dtype)
     progress(f"engine written to {out}")
+    if args.backend == "trt":
+        compile_plans(out, progress, plugins=args.plugins, settings=settings)
     return 0
