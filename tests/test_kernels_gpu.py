@@ -1,36 +1,35 @@
-"""The RMSNorm and weight-only GEMM/gather kernels on a GPU against their contracts
-(trt_plugins/rmsnorm, trt_plugins/weight_only_gemm).
+"""The RMSNorm and weight-only GEMM/gather kernels against their contracts (trt_plugins/rmsnorm,
+trt_plugins/weight_only_gemm), on a CUDA GPU and in the CPU emulation of one.
 
 Each kernel is compared with the numpy reference of its contract (graph_passes/plugin_reference.py)
 and, for a few cases, with ONNX Runtime CPU running the ONNX Runtime-target op
 (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, MatMulNBits). The dp4a path
 (int8 activations, accuracy_level 4) is compared with the same maths in numpy: the activations
-quantized per block exactly as the kernel does, then the exact product. The kernels are built with
-nvcc for the present GPU into a temporary folder and called through ctypes; device memory goes
-through libcudart with ctypes too. Run with `-s` to see the decode GEMV bandwidth report.
+quantized per block exactly as the kernel does, then the exact product. Every test runs on both
+backends of kernel_devices.py: "cuda" (nvcc for the present GPU, marked gpu: `pytest -m gpu`) and
+"emulated" (g++ and tests/cuda_emulation, in `make test`), the emulated ones at shapes a CPU runs in
+seconds that still take every path (GEMV with one and four columns per warp and A staged in several
+tiles, tiled GEMM with partial tiles, dp4a, the register-cache overflow of RMSNorm). Run with `-s`
+on a GPU to see the decode GEMV bandwidth report.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from kernel_devices import (BOTH, Cuda, Device, build_for_gpu, check, cuda, device, emulated_cuda,  # noqa: F401
+                            emulated_library, emulation_runtime, per_backend, ptr, real_cuda)
 
 from graph_passes.plugin_reference import dequantize_rows, quantized_gather, rms_norm, weight_only_gemm
 from graph_passes.quantize_weights import quantize_blockwise
 
-pytestmark = pytest.mark.gpu
-
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = (ROOT / "trt_plugins" / "rmsnorm" / "rmsnorm_kernel.cu",
            ROOT / "trt_plugins" / "weight_only_gemm" / "weight_only_gemm_kernel.cu")
-SKIP_REASON = "needs an NVIDIA GPU and nvcc"
 CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # qwen3vl_dtype
 EPSILON = 1e-6
 
@@ -41,139 +40,12 @@ PATH_GEMV, PATH_DP4A = 1, 2
 # Qwen3-VL-2B's linear layers, (K, N): q/o, k/v, gate/up, down.
 MODEL_SHAPES = [(2048, 2048), (2048, 1024), (2048, 6144), (6144, 2048)]
 LM_HEAD = (2048, 151936)
+# Emulated: K = 2048 stages A in two GEMV tiles, 1152 in a full and a partial one; N >= 192 takes
+# four columns per warp for M <= 2 on the emulated 3-SM device (MX250).
+EMULATED_SHAPES = [(2048, 192), (1152, 320)]
 
 
-# -- CUDA through ctypes ---------------------------------------------------------------------------
-
-def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found is None and Path("/usr/local/cuda/bin/nvcc").exists():
-        found = "/usr/local/cuda/bin/nvcc"
-    return found
-
-
-def _cudart_path(nvcc: str) -> str | None:
-    root = Path(nvcc).resolve().parents[1]
-    for folder in (root / "lib64", root / "lib", root / "targets" / "x86_64-linux" / "lib"):
-        libs = sorted(folder.glob("libcudart.so*"))
-        if libs:
-            return str(libs[0])
-    return ctypes.util.find_library("cudart")
-
-
-class Cuda:
-    """The few CUDA runtime calls the tests need."""
-
-    H2D, D2H, D2D = 1, 2, 3
-
-    def __init__(self, path: str):
-        self.lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        lib = self.lib
-        lib.cudaGetErrorString.restype = ctypes.c_char_p
-        lib.cudaMalloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
-        lib.cudaFree.argtypes = [ctypes.c_void_p]
-        lib.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        lib.cudaMemset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-        lib.cudaEventCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
-        lib.cudaEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        lib.cudaEventSynchronize.argtypes = [ctypes.c_void_p]
-        lib.cudaEventElapsedTime.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_void_p]
-        lib.cudaEventDestroy.argtypes = [ctypes.c_void_p]
-
-    def check(self, status: int, what: str = "CUDA call") -> None:
-        if status != 0:
-            raise RuntimeError(f"{what}: {self.lib.cudaGetErrorString(status).decode()}")
-
-    def device_count(self) -> int:
-        count = ctypes.c_int(0)
-        return count.value if self.lib.cudaGetDeviceCount(ctypes.byref(count)) == 0 else 0
-
-    def compute_capability(self) -> tuple[int, int]:
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        self.check(self.lib.cudaDeviceGetAttribute(ctypes.byref(major), 75, 0))  # cudaDevAttrComputeCapabilityMajor
-        self.check(self.lib.cudaDeviceGetAttribute(ctypes.byref(minor), 76, 0))
-        return major.value, minor.value
-
-    def malloc(self, nbytes: int) -> int:
-        ptr = ctypes.c_void_p()
-        self.check(self.lib.cudaMalloc(ctypes.byref(ptr), max(nbytes, 1)), "cudaMalloc")
-        return ptr.value
-
-    def free(self, ptr: int) -> None:
-        self.lib.cudaFree(ptr)
-
-    def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
-        self.check(self.lib.cudaMemcpy(dst, src, nbytes, kind), "cudaMemcpy")
-
-    def fill(self, ptr: int, byte: int, nbytes: int) -> None:
-        self.check(self.lib.cudaMemset(ptr, byte, nbytes), "cudaMemset")
-
-    def synchronize(self) -> None:
-        self.check(self.lib.cudaDeviceSynchronize(), "kernel")
-
-    def time_ms(self, run, iterations: int) -> float:
-        """Mean milliseconds of `run()` over `iterations` launches on the default stream."""
-        start, stop = ctypes.c_void_p(), ctypes.c_void_p()
-        self.check(self.lib.cudaEventCreate(ctypes.byref(start)))
-        self.check(self.lib.cudaEventCreate(ctypes.byref(stop)))
-        try:
-            run()  # warm-up
-            self.check(self.lib.cudaEventRecord(start, None))
-            for _ in range(iterations):
-                run()
-            self.check(self.lib.cudaEventRecord(stop, None))
-            self.check(self.lib.cudaEventSynchronize(stop), "timed kernels")
-            ms = ctypes.c_float()
-            self.check(self.lib.cudaEventElapsedTime(ctypes.byref(ms), start, stop))
-            return ms.value / iterations
-        finally:
-            self.lib.cudaEventDestroy(start)
-            self.lib.cudaEventDestroy(stop)
-
-
-class Device:
-    """Device arrays of one test, freed together at its end."""
-
-    def __init__(self, cuda: Cuda):
-        self.cuda, self.pointers = cuda, []
-
-    def empty(self, shape, dtype, fill: int | None = 0xFF) -> "DeviceArray":
-        array = DeviceArray(self, shape, dtype)
-        if fill is not None:  # garbage, so that a missed write shows
-            self.cuda.fill(array.ptr, fill, array.nbytes)
-        return array
-
-    def put(self, host: np.ndarray | None) -> "DeviceArray | None":
-        if host is None:
-            return None
-        host = np.ascontiguousarray(host)
-        array = DeviceArray(self, host.shape, host.dtype)
-        self.cuda.copy(array.ptr, host.ctypes.data, host.nbytes, Cuda.H2D)
-        return array
-
-    def close(self) -> None:
-        for ptr in self.pointers:
-            self.cuda.free(ptr)
-        self.pointers.clear()
-
-
-class DeviceArray:
-    def __init__(self, device: Device, shape, dtype):
-        self.device, self.shape, self.dtype = device, tuple(shape), np.dtype(dtype)
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        self.ptr = device.cuda.malloc(self.nbytes)
-        device.pointers.append(self.ptr)
-
-    def numpy(self) -> np.ndarray:
-        self.device.cuda.synchronize()
-        out = np.empty(self.shape, self.dtype)
-        self.device.cuda.copy(out.ctypes.data, self.ptr, self.nbytes, Cuda.D2H)
-        return out
-
-
-def ptr(array: DeviceArray | None) -> int | None:
-    return None if array is None else array.ptr
-
+# -- building and binding (the CUDA runtime layer is kernel_devices.py) ---------------------
 
 def declare_kernel_api(lib: ctypes.CDLL) -> ctypes.CDLL:
     """ctypes signatures of the kernels' C launch API (rmsnorm_kernel.h, weight_only_gemm_kernel.h)."""
@@ -190,54 +62,28 @@ def declare_kernel_api(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def _open_cuda() -> Cuda:
-    nvcc = _nvcc()
-    cudart = _cudart_path(nvcc) if nvcc else None
-    if nvcc is None or cudart is None:
-        pytest.skip(SKIP_REASON)
-    cuda = Cuda(cudart)
-    if cuda.device_count() < 1:
-        pytest.skip(SKIP_REASON)
-    return cuda
-
-
-def _build_kernels(cuda: Cuda, folder: Path) -> ctypes.CDLL:
-    nvcc = _nvcc()
-    major, minor = cuda.compute_capability()
-    library = folder / "libqwen3vl_kernels_test.so"
-    command = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "shared",
-               f"-arch=sm_{major}{minor}", "--Werror=all-warnings", "-Wno-deprecated-gpu-targets",
-               f"-Xlinker=-rpath={Path(_cudart_path(nvcc)).parent}", "-o", str(library), *map(str, SOURCES)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 and "Unsupported gpu architecture" in result.stderr:
-        pytest.skip(f"{nvcc} cannot compile for sm_{major}{minor} (Pascal needs a CUDA 12.x toolkit)")
-    assert result.returncode == 0, result.stderr
+@pytest.fixture(scope="session")
+def gpu_kernels(real_cuda, tmp_path_factory):
+    library = build_for_gpu(real_cuda, SOURCES, tmp_path_factory.mktemp("kernels") / "libqwen3vl_kernels_test.so")
     return declare_kernel_api(ctypes.CDLL(str(library)))
 
 
-@pytest.fixture(scope="session")
-def cuda():
-    return _open_cuda()
-
-
-@pytest.fixture(scope="session")
-def kernels(cuda, tmp_path_factory):
-    return _build_kernels(cuda, tmp_path_factory.mktemp("kernels"))
-
-
 @pytest.fixture
-def device(cuda):
-    arrays = Device(cuda)
-    yield arrays
-    arrays.close()
-
-
-def check(cuda: Cuda, status: int, what: str) -> None:
-    cuda.check(status, what)
-    cuda.synchronize()
+def kernels(backend, request):
+    """The kernel library of the test's backend (the emulated one holds every kernel)."""
+    if backend == "cuda":
+        return request.getfixturevalue("gpu_kernels")
+    return declare_kernel_api(request.getfixturevalue("emulated_cuda").lib)
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------------
+
+# Row lengths that take each launch shape: a block per row (2048), several rows per block with a
+# warp each (128), scalar loads (1001), and rows past the 4 vectors per thread kept in registers
+# (4100 at fp16: 4100 scalar vectors over 1024 threads). Small enough to emulate as they are.
+RMSNORM_SHAPES = {"decode-hidden": (1, 1, 2048), "prefill-hidden": (2, 33, 2048), "head-dim": (2, 7, 16, 128),
+                  "odd-1001": (5, 1001), "long-4100": (3, 4100)}
+
 
 def run_rmsnorm(kernels, device, x, gamma, skip=None, emit_sum=False):
     y = device.empty(x.shape, x.dtype)
@@ -256,8 +102,7 @@ def assert_close(actual, expected, dtype, scale=1.0):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("form", ["plain", "skip", "skip+sum"])
-@pytest.mark.parametrize("shape", [(1, 1, 2048), (2, 33, 2048), (2, 7, 16, 128), (5, 1001), (3, 4100)],
-                         ids=["decode-hidden", "prefill-hidden", "head-dim", "odd-1001", "long-4100"])
+@pytest.mark.parametrize(*per_backend("shape", cuda=RMSNORM_SHAPES, emulated=RMSNORM_SHAPES))
 def test_rmsnorm_matches_reference(kernels, device, dtype, form, shape):
     rng = np.random.default_rng(sum(shape))
     x = (rng.standard_normal(shape) * 3).astype(dtype)
@@ -271,6 +116,7 @@ def test_rmsnorm_matches_reference(kernels, device, dtype, form, shape):
         np.testing.assert_array_equal(total, expected_sum)  # one float32 add, one rounding: exact
 
 
+@pytest.mark.parametrize("backend", BOTH)
 def test_rmsnorm_long_rows_beyond_the_register_cache(kernels, device):
     """Rows longer than the 4 vectors per thread kept in registers are re-read: still exact."""
     rng = np.random.default_rng(1)
@@ -283,6 +129,7 @@ def test_rmsnorm_long_rows_beyond_the_register_cache(kernels, device):
     np.testing.assert_array_equal(total, expected_sum)
 
 
+@pytest.mark.parametrize("backend", BOTH)
 def test_rmsnorm_matches_onnxruntime(kernels, device):
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
@@ -386,6 +233,7 @@ PATHS = {"default": 0, "dp4a": FORCE_DP4A, "tiled": FORCE_TILED, "tiled-dp4a": F
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 17, 300])
 @pytest.mark.parametrize("bits,block,symmetric", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("backend", BOTH)
 def test_gemm_formats_on_an_odd_shape(kernels, device, bits, block, symmetric, m, path):
     """K = 200 (not a multiple of any block: the last block's padding), N = 77 (partial tiles)."""
     k, n, flags = 200, 77, PATHS[path]
@@ -400,11 +248,13 @@ def test_gemm_formats_on_an_odd_shape(kernels, device, bits, block, symmetric, m
 
 
 @pytest.mark.parametrize("path", ["default", "dp4a"])
-@pytest.mark.parametrize("m", [1, 2, 4, 17, 300])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("bits,block,symmetric", [(4, 64, True), (4, 128, False), (8, 32, False), (8, 128, True)],
                          ids=["int4-b64-sym", "int4-b128-asym", "int8-b32-asym", "int8-b128-sym"])
-@pytest.mark.parametrize("k,n", MODEL_SHAPES, ids=[f"{k}x{n}" for k, n in MODEL_SHAPES])
+@pytest.mark.parametrize(*per_backend(
+    "k,n,m",
+    cuda={f"{k}x{n}-m{m}": (k, n, m) for k, n in MODEL_SHAPES for m in (1, 2, 4, 17, 300)},
+    emulated={f"{k}x{n}-m{m}": (k, n, m) for k, n in EMULATED_SHAPES for m in (1, 2, 4, 17, 70)}))
 def test_gemm_model_shapes(kernels, device, k, n, bits, block, symmetric, dtype, m, path):
     flags = PATHS[path]
     dtype_name = np.dtype(dtype).name
@@ -417,10 +267,11 @@ def test_gemm_model_shapes(kernels, device, k, n, bits, block, symmetric, dtype,
     assert_gemm_close(y, expected, dtype)
 
 
-@pytest.mark.parametrize("m", [1, 300])
-def test_dp4a_path_stays_near_the_exact_product(kernels, device, m):
+@pytest.mark.parametrize(*per_backend("m,k,n", cuda=[(1, 2048, 1024), (300, 2048, 1024)],
+                                     emulated=[(1, 2048, 256), (70, 2048, 256)]))
+def test_dp4a_path_stays_near_the_exact_product(kernels, device, m, k, n):
     """accuracy_level 4's activation rounding: a small error against the exact reference."""
-    k, n, bits, block = 2048, 1024, 4, 64
+    bits, block = 4, 64
     packed, scales, zero_points, bias = quantized_layer(k, n, bits, block, True, "float32")
     a = activations(m, k, np.float32)
     y = run_gemm(kernels, device, a, packed, scales, zero_points, bias, k, n, bits, block, FORCE_DP4A)
@@ -429,6 +280,7 @@ def test_dp4a_path_stays_near_the_exact_product(kernels, device, m):
     assert relative < 1e-2
 
 
+@pytest.mark.parametrize("backend", BOTH)
 def test_int8_activations_flag_takes_dp4a_only_on_pascal(kernels, cuda):
     major, minor = cuda.compute_capability()
     taken = kernels.qwen3vl_weight_only_gemm_path(1, 4, 64, INT8_ACTIVATIONS)
@@ -436,11 +288,23 @@ def test_int8_activations_flag_takes_dp4a_only_on_pascal(kernels, cuda):
     assert not kernels.qwen3vl_weight_only_gemm_path(1, 4, 64, 0) & PATH_DP4A
 
 
-def test_gemm_matches_onnxruntime_matmulnbits(kernels, device):
+@pytest.mark.parametrize("backend", ["emulated"])
+def test_int8_activations_flag_follows_the_device_generation(kernels, cuda):
+    """The flag's device query on the emulated device made Pascal with and without dp4a, and newer."""
+    try:
+        for major, minor, dp4a in ((6, 0, False), (6, 1, True), (6, 2, True), (7, 5, False), (8, 6, False)):
+            cuda.lib.cuda_emu_set_device(major, minor, 3)
+            assert bool(kernels.qwen3vl_weight_only_gemm_path(1, 4, 64, INT8_ACTIVATIONS) & PATH_DP4A) == dp4a
+    finally:
+        cuda.lib.cuda_emu_set_device(6, 1, 3)
+
+
+@pytest.mark.parametrize(*per_backend("k,n", cuda=[(2048, 1024)], emulated=[(2048, 256)]))
+def test_gemm_matches_onnxruntime_matmulnbits(kernels, device, k, n):
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper, numpy_helper
 
-    k, n, bits, block = 2048, 1024, 4, 64
+    bits, block = 4, 64
     packed, scales, zero_points, bias = quantized_layer(k, n, bits, block, False, "float32")
     initializers = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales"),
                     numpy_helper.from_array(zero_points, "zero_points")]
@@ -456,6 +320,7 @@ def test_gemm_matches_onnxruntime_matmulnbits(kernels, device):
         assert_gemm_close(y, session.run(None, {"A": a})[0], np.float32)
 
 
+@pytest.mark.parametrize("backend", BOTH)
 def test_gemm_rejects_bad_arguments(kernels, device):
     a = device.put(activations(1, 64, np.float32))
     y = device.empty((1, 8), np.float32)
@@ -476,6 +341,7 @@ def test_gemm_rejects_bad_arguments(kernels, device):
 @pytest.mark.parametrize("bits,block,symmetric", [(4, 32, True), (4, 128, False), (8, 64, False), (8, 128, True)],
                          ids=["int4-b32-sym", "int4-b128-asym", "int8-b64-asym", "int8-b128-sym"])
 @pytest.mark.parametrize("hidden", [2048, 200])
+@pytest.mark.parametrize("backend", BOTH)
 def test_gather_matches_reference(kernels, device, hidden, bits, block, symmetric, dtype, index_type):
     vocab = 1000
     rng = np.random.default_rng(hidden + bits + block)
@@ -495,6 +361,7 @@ def test_gather_matches_reference(kernels, device, hidden, bits, block, symmetri
     np.testing.assert_array_equal(y.numpy(), expected)  # the same single float32 product, one rounding
 
 
+@pytest.mark.parametrize("backend", BOTH)
 def test_gather_out_of_range_rows_are_zero(kernels, device):
     vocab, hidden, bits, block = 10, 64, 4, 32
     packed, scales, _ = quantize_blockwise(np.ones((vocab, hidden), np.float32), bits, block, True, rows=True)
@@ -518,6 +385,7 @@ def device_copy_bandwidth(cuda: Cuda, device: Device, nbytes: int = 1 << 29) -> 
     return 2 * nbytes / ms / 1e6
 
 
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_decode_gemv_bandwidth_report(kernels, cuda, device, capsys):
     copy = device_copy_bandwidth(cuda, device)
     rows = []
