@@ -8,9 +8,9 @@ import sys
 
 from runtime.errors import Qwen3VLError
 
-from . import bench, build, plan, run, synth
+from . import bench, build, compare, plan, run, synth
 
-SUBCOMMANDS = (synth, build, run, bench, plan)
+SUBCOMMANDS = (synth, build, run, bench, plan, compare)
 
 
 def main(argv: list[str] | None = None) -> int:
