@@ -64,9 +64,7 @@ class CudaRuntime:
     def __init__(self, lib: ctypes.CDLL, path: str = "libcudart"):
         self.lib, self.path = lib, path
         lib.cudaGetErrorName.restype = ctypes.c_char_p
-        lib.cudaGetErrorString.restype = ctypes.c_char_p
-        for name in ("cudaMemcpyAsync", "cudaMemsetAsync", "cudaMalloc", "cudaMallocHost"):
-            getattr(lib, name).restype = ctypes.c_int
+        lib.cudaGetErrorString.restype = ctypes.c_char_p  # every other call returns cudaError_t: ctypes' int
 
     @classmethod
     def load(cls) -> "CudaRuntime":
@@ -83,6 +81,10 @@ class CudaRuntime:
 
     def error_name(self, code: int) -> str:
         return (self.lib.cudaGetErrorName(int(code)) or b"cudaError?").decode()
+
+    def clear_error(self) -> None:
+        """Resets the last error: a launch API that returns cudaGetLastError() would report an older one."""
+        self.lib.cudaGetLastError()
 
     def check(self, code: int, what: str) -> None:
         if code != 0:

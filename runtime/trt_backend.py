@@ -159,7 +159,7 @@ class TrtKVCache:
         self.slab, self.layout, self.first_row = slab, layout, first_row
         self.batch = layout.batch if batch is None else batch
         self.capacity = layout.capacity
-        self.steps: _DecodeSteps | None = None  # the decode loop's bindings and CUDA graph, made on first use
+        self.steps: _DecodeGroups | None = None  # the decode loop's bindings and CUDA graphs, made on first use
 
     @property
     def nbytes(self) -> int:
@@ -349,7 +349,8 @@ class TrtBackend:
         self.past_names, self.present_names = past_names(m.num_hidden_layers), present_names(m.num_hidden_layers)
         self.kv_dtype = self.decoder.dtypes[self.past_names[0]]
         prefill = DECODER_PROFILES.index("prefill")
-        self.max_batch, self.max_chunk = self.decoder.profile_max("input_ids", prefill)
+        self.prefill_batch, self.max_chunk = self.decoder.profile_max("input_ids", prefill)
+        self.max_batch = self.decoder.profile_max("input_ids", DECODER_PROFILES.index("decode"))[0]
         self.max_capacity = self.decoder.profile_max(self.past_names[0], prefill)[2]
         self._prefill_inputs = self.decoder.staged_inputs(prefill)
         logits_shape = self.decoder.output_max_shapes(prefill)["logits"]
@@ -380,8 +381,6 @@ class TrtBackend:
         return min(self.max_capacity, capacity_that_fits(free, batch, per_token))
 
     def new_cache(self, batch: int, capacity: int) -> TrtKVCache:
-        if batch > self.max_batch:
-            raise Qwen3VLError(f"the TensorRT plans take at most {self.max_batch} prompts at once, got {batch}")
         if capacity > self.max_capacity:
             raise Qwen3VLError(f"a context of {capacity} tokens is more than the TensorRT plans' {self.max_capacity}")
         layout = self.kv_layout(batch, capacity)
@@ -407,7 +406,7 @@ class TrtBackend:
     def prefill(self, cache: TrtKVCache, chunk: DecoderChunk) -> np.ndarray:
         logits = None
         lengths = np.asarray(chunk.lengths)
-        for piece in chunk_schedule(chunk.past_lengths, lengths, self.max_chunk, self.max_batch):
+        for piece in chunk_schedule(chunk.past_lengths, lengths, self.max_chunk, self.prefill_batch):
             rows, columns = slice(piece.row_start, piece.row_stop), slice(piece.col_start, piece.col_stop)
             out = self._prefill_call(cache.rows(piece.row_start, piece.row_stop), piece_of(chunk, rows, columns))
             if logits is None:
@@ -440,8 +439,10 @@ class TrtBackend:
 
     def decode(self, cache: TrtKVCache, tokens: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray
                ) -> np.ndarray:
+        """One token per row; rows beyond the decode profile's batch go in groups of consecutive rows,
+        each with its own bindings and CUDA graph over its rows of the slab."""
         if cache.steps is None:
-            cache.steps = _DecodeSteps(self, cache)
+            cache.steps = _DecodeGroups(self, cache)
         return cache.steps(tokens, positions, past_lengths)
 
     # -- vision ----------------------------------------------------------------------------------------
@@ -488,10 +489,35 @@ class TrtBackend:
         self.cuda.stream_destroy(self.stream)
 
 
+class _DecodeGroups:
+    """A cache's decode steps, in groups of at most the decode profile's batch."""
+
+    def __init__(self, backend: TrtBackend, cache: TrtKVCache):
+        size = backend.max_batch
+        self.groups = [(start, min(start + size, cache.batch)) for start in range(0, cache.batch, size)]
+        self.steps = [_DecodeSteps(backend, cache.rows(a, b)) for a, b in self.groups]
+        self.logits = None
+
+    def __call__(self, tokens: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray) -> np.ndarray:
+        if len(self.steps) == 1:
+            return self.steps[0](tokens, positions, past_lengths)
+        parts = [steps(tokens[a:b], np.asarray(positions)[a:b], np.asarray(past_lengths)[a:b])
+                 for steps, (a, b) in zip(self.steps, self.groups)]
+        if self.logits is None:
+            self.logits = np.empty((self.groups[-1][1], parts[0].shape[1]), dtype=np.float32)
+        for part, (a, b) in zip(parts, self.groups):
+            self.logits[a:b] = part
+        return self.logits
+
+    def close(self) -> None:
+        for steps in self.steps:
+            steps.close()
+
+
 class _DecodeSteps:
-    """The decode loop of one cache: one token per row on the decode profile's context, every input and
-    output bound once, captured as a CUDA graph after the first step (copies in, execute_async_v3, logits
-    out) and replayed with new values in the pinned inputs."""
+    """The decode loop of one cache (or a group of its rows): one token per row on the decode profile's
+    context, every input and output bound once, captured as a CUDA graph after the first step (copies
+    in, execute_async_v3, logits out) and replayed with new values in the pinned inputs."""
 
     CHANGING = ("input_ids", "position_ids", "seqlens_k", "total_sequence_length")
 

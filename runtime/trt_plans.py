@@ -107,8 +107,9 @@ def read_trt_io(engine_dir: str | Path, manifest: Manifest) -> dict[str, GraphIO
 class PlanSettings:
     """What the plans are built for: the optimization profiles' ranges and the builder's limits."""
 
-    max_batch: int = 4
-    prefill_chunk: int = 256  # tokens per decoder call; longer chunks are split by the backend
+    max_batch: int = 4  # rows per decode step (more rows decode in groups)
+    prefill_batch: int = 1  # rows per prefill call: activations grow with rows x chunk; more go row by row
+    prefill_chunk: int = 256  # tokens per prefill call; longer chunks are split by the backend
     max_capacity: int | None = None  # KV capacity per row; None: the engine's max_context
     opt_capacity: int = 2048
     vision_patches: int = 4096  # patches per vision call (a 1024x1024 image); more images are split
@@ -124,15 +125,15 @@ def _range(low: int, opt: int, high: int) -> tuple[int, int, int]:
 
 
 def profile_ranges(role: str, settings: PlanSettings, max_context: int) -> dict[str, dict[str, tuple[int, int, int]]]:
-    """Profile name -> symbolic dim -> (min, opt, max). The decoder has a prefill profile (chunks up
-    to `prefill_chunk` tokens) and a decode profile (one token: its kernels are chosen for S = 1); both
-    cover batch 1..max_batch and KV capacity 1..max_capacity (the buffers the runtime allocates)."""
+    """Profile name -> symbolic dim -> (min, opt, max). The decoder has a prefill profile (up to
+    `prefill_batch` rows of `prefill_chunk` tokens: TensorRT sizes the activation memory for that) and
+    a decode profile (up to `max_batch` rows of one token: its kernels are chosen for S = 1, and its
+    activations are small); both take KV capacity 1..max_capacity (the buffers the runtime allocates)."""
     capacity = _range(1, settings.opt_capacity, settings.max_capacity or max_context)
-    batch = _range(1, 1, settings.max_batch)
     if role == "decoder":
         chunk = _range(1, settings.prefill_chunk, settings.prefill_chunk)
-        return {"prefill": {"batch": batch, "sequence": chunk, "capacity": capacity},
-                "decode": {"batch": batch, "sequence": (1, 1, 1), "capacity": capacity}}
+        return {"prefill": {"batch": _range(1, 1, settings.prefill_batch), "sequence": chunk, "capacity": capacity},
+                "decode": {"batch": _range(1, 1, settings.max_batch), "sequence": (1, 1, 1), "capacity": capacity}}
     if role == "vision":
         patches = _range(1, settings.vision_opt_patches, settings.vision_patches)
         return {"vision": {"patches": patches, "frames": _range(1, 1, settings.vision_frames),
@@ -489,6 +490,8 @@ def _probe_architecture(library, path: Path, cuda: CudaRuntime, gpu: GpuInfo) ->
     try:
         for ptr in buffers:
             cuda.memset(ptr, 0, n * 4, 0)
+        cuda.synchronize(0)
+        cuda.clear_error()  # the launch API returns cudaGetLastError(): only this launch's error may count
         probe.restype = ctypes.c_int
         code = probe(ctypes.c_void_p(buffers[0]), None, ctypes.c_void_p(buffers[1]), ctypes.c_void_p(buffers[2]),
                      None, ctypes.c_int64(1), ctypes.c_int32(n), ctypes.c_float(1e-6), 0, None)
@@ -596,6 +599,10 @@ def compile_plan(env: TrtEnvironment, graph_path: Path, io: GraphIO, profiles: d
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         reason = logger.errors[-1] if logger.errors else "no reason given"
+        half_kv = any(t.dtype == "float16" and t.name.startswith("past_") for t in io.inputs)
+        if half_kv and not flags.fp16 and not flags.strongly_typed:
+            # Unverified on a GPU: whether 8.6 offers HALF plugin I/O without the FP16 flag.
+            reason += " (an fp16 KV cache on TensorRT 8.6 may need the FP16 flag: --trt-fp16)"
         raise TrtPlanError(f"TensorRT {env.version} could not build a plan from {graph_path.name}: {reason}")
     if cache is not None:
         atomic_write(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))

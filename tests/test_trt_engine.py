@@ -66,21 +66,22 @@ def test_trt_io_lists_the_graph_inputs_weights_and_plugins(engine, ios):
 
 def test_decoder_profiles_cover_batch_chunk_and_capacity(engine, ios):
     m = load_manifest(engine).model
-    settings = PlanSettings(max_batch=4, prefill_chunk=256, opt_capacity=2048)
+    settings = PlanSettings(max_batch=4, prefill_batch=2, prefill_chunk=256, opt_capacity=2048)
     ranges = profile_ranges("decoder", settings, max_context=8192)
     assert list(ranges) == ["prefill", "decode"]
     prefill = profile_shapes(ios["decoder"].inputs, ranges["prefill"])
     decode = profile_shapes(ios["decoder"].inputs, ranges["decode"])
-    assert prefill["input_ids"] == ((1, 1), (1, 256), (4, 256))
-    assert decode["input_ids"] == ((1, 1), (1, 1), (4, 1))
+    assert prefill["input_ids"] == ((1, 1), (1, 256), (2, 256))  # prefill rows x chunk: the activations
+    assert decode["input_ids"] == ((1, 1), (1, 1), (4, 1))  # decode rows x 1 token
     assert prefill["deepstack_embeds"] == ((m.num_deepstack, 1, 1, m.hidden_size),
                                            (m.num_deepstack, 1, 256, m.hidden_size),
-                                           (m.num_deepstack, 4, 256, m.hidden_size))
-    assert prefill["position_ids"][2] == (3, 4, 256) and prefill["total_sequence_length"] == ((1,), (1,), (1,))
+                                           (m.num_deepstack, 2, 256, m.hidden_size))
+    assert prefill["position_ids"][2] == (3, 2, 256) and prefill["total_sequence_length"] == ((1,), (1,), (1,))
     kv = (m.num_key_value_heads, m.head_dim)
-    for shapes in (prefill, decode):
-        assert shapes["past_key.0"] == ((1, kv[0], 1, kv[1]), (1, kv[0], 2048, kv[1]), (4, kv[0], 8192, kv[1]))
-        assert shapes["seqlens_k"] == ((1,), (1,), (4,))
+    for shapes, rows in ((prefill, 2), (decode, 4)):
+        assert shapes["past_key.0"] == ((1, kv[0], 1, kv[1]), (1, kv[0], 2048, kv[1]), (rows, kv[0], 8192, kv[1]))
+        assert shapes["seqlens_k"] == ((1,), (1,), (rows,))
+    assert profile_ranges("decoder", PlanSettings(), 8192)["prefill"]["batch"] == (1, 1, 1)  # the default
     # A small context clamps the optimum; a larger max capacity replaces max_context.
     small = profile_ranges("decoder", settings, max_context=512)["prefill"]["capacity"]
     assert small == (1, 512, 512)
@@ -306,6 +307,40 @@ def test_kv_copy_layers():
     assert kv_copy_layers("not json", {"past_key.0"}) == []
 
 
+def test_ctypes_calls_against_the_cpu_emulation_of_cuda(tmp_path):
+    """runtime/cuda_runtime.py's calls and the plugin library's architecture probe, made through ctypes
+    exactly as on a GPU, against the CPU emulation of CUDA (tests/cuda_emulation: the unmodified
+    RMSNorm kernel behind its C API, and the CUDA runtime calls it implements)."""
+    emulation = pytest.importorskip("cuda_emulation", reason="needs the CPU emulation of CUDA (tests/cuda_emulation)")
+    if emulation.compiler() is None:
+        pytest.skip("needs a C++ compiler for the CPU emulation of CUDA")
+    from runtime.cuda_runtime import CudaError, CudaRuntime
+
+    path = emulation.build_library(tmp_path, sources=["rmsnorm/rmsnorm_kernel.cu"])
+    library = ctypes.CDLL(str(path))
+    cuda = CudaRuntime(library, str(path))
+    assert cuda.device_count() >= 1 and cuda.error_name(0) == "cudaSuccess"
+    with pytest.raises(CudaError, match=r"^CUDA cudaMemcpyAsync \(to device\) failed: cudaError"):
+        cuda.copy_to_device(0, 0, 16, 0)  # a null device pointer
+    n = 24
+    x, gamma = np.linspace(-2, 3, n, dtype=np.float32), np.linspace(0.5, 1.5, n, dtype=np.float32)
+    buffers = [cuda.malloc(n * 4) for _ in range(3)]
+    cuda.copy_to_device(buffers[0], x.ctypes.data, n * 4, 0)
+    cuda.copy_to_device(buffers[1], gamma.ctypes.data, n * 4, 0)
+    cuda.memset(buffers[2], 0xFF, n * 4, 0)
+    trt_plans._probe_architecture(library, path, cuda, MX250)  # the probe's own launch: accepted
+    kernel = library.qwen3vl_rmsnorm  # the probe's argument convention, on real data
+    code = kernel(ctypes.c_void_p(buffers[0]), None, ctypes.c_void_p(buffers[1]), ctypes.c_void_p(buffers[2]), None,
+                  ctypes.c_int64(1), ctypes.c_int32(n), ctypes.c_float(1e-6), 0, None)
+    cuda.synchronize(0)
+    y = np.empty(n, np.float32)
+    cuda.copy_to_host(y.ctypes.data, buffers[2], n * 4, 0)
+    assert code == 0
+    np.testing.assert_allclose(y, x / np.sqrt(np.mean(x * x) + 1e-6) * gamma, rtol=1e-5)
+    for ptr in buffers:
+        cuda.free(ptr)
+
+
 # -- the one-line messages ------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -409,6 +444,9 @@ class FakeCuda:
     def device_info(self, device=0):
         return self.gpu
 
+    def clear_error(self):
+        pass
+
     def error_name(self, code):
         return {0: "cudaSuccess", 209: "cudaErrorNoKernelImageForDevice"}.get(code, "cudaErrorUnknown")
 
@@ -459,6 +497,7 @@ class FakeTensorRT:
 
     def __init__(self, version: str, cuda: FakeCuda, vocab: int, kv_copy: bool = False):
         self.__version__, self.cuda, self.vocab, self.kv_copy = version, cuda, vocab, kv_copy
+        self.parse_error = self.build_error = None  # set to make parsing / building fail with that message
         self.major = int(version.split(".")[0])
         self.calls, self.executions, self.creators = [], [], set()
         fake = self
@@ -523,11 +562,21 @@ class FakeTensorRT:
                 fake.calls.append(("OnnxParser",))
                 self.network, self.num_errors = network, 0
 
+            def get_error(self, index):
+                class Error:
+                    def desc(self):
+                        return fake.parse_error + "\nIn node 17 (importFallbackPluginImporter)"
+
+                return Error()
+
             def parse_from_file(self, path):
                 import onnx
 
                 fake.calls.append(("parse_from_file", Path(path).name))
                 assert fake.creators, "parsed before the plugin library was loaded"
+                if fake.parse_error:
+                    self.num_errors = 1
+                    return False
                 model = onnx.load(path, load_external_data=False)
                 initializers = {t.name for t in model.graph.initializer}
                 graph, network = model.graph, self.network
@@ -590,6 +639,7 @@ class FakeTensorRT:
         class Builder:
             def __init__(self, logger):
                 fake.calls.append(("Builder",))
+                self.logger = logger
 
             def create_network(self, flags):
                 fake.calls.append(("create_network", flags))
@@ -605,6 +655,10 @@ class FakeTensorRT:
             def build_serialized_network(self, network, config):
                 fake.calls.append(("build_serialized_network", sorted(config.flags), config.max_aux_streams,
                                    config.profiling_verbosity.name))
+                if fake.build_error:
+                    self.logger.log(fake.ILogger.Severity.WARNING, "a warning")
+                    self.logger.log(fake.ILogger.Severity.ERROR, fake.build_error + "\nsecond line")
+                    return None
                 tensor = lambda t: [t.name, t.dtype.name, list(t.onnx_dims)]  # noqa: E731
                 return json.dumps({"inputs": [tensor(t) for t in network.inputs],
                                    "outputs": [tensor(t) for t in network.outputs],
@@ -854,8 +908,9 @@ def test_builder_calls_on_tensorrt_86_for_sm61(fake_trt, engine_copy):
     # The profiles as built: prefill then decode.
     body = json.loads(data)
     prefill, decode = body["profiles"]
-    assert prefill["input_ids"] == [[1, 1], [1, 256], [2, 256]] and decode["input_ids"] == [[1, 1], [1, 1], [2, 1]]
-    assert prefill["past_key.0"][2] == [2, 2, manifest.max_context, 16]
+    assert prefill["input_ids"] == [[1, 1], [1, 256], [1, 256]] and decode["input_ids"] == [[1, 1], [1, 1], [2, 1]]
+    assert prefill["past_key.0"][2] == [1, 2, manifest.max_context, 16]
+    assert decode["past_key.0"][2] == [2, 2, manifest.max_context, 16]
     assert {t[0]: t[1] for t in body["inputs"]}["input_ids"] == "INT32"  # 8.6 narrows int64 inputs
     timing = trt_plans.timing_cache_path(engine_copy, "8.6.1", MX250)
     assert timing.name == "timing-8.6.1-nvidia-geforce-mx250-sm61.cache" and timing.read_bytes() == b"+timed"
@@ -906,6 +961,46 @@ def test_stale_plan_is_rebuilt_or_refused_with_one_line(fake_trt, engine_copy):
     trt_plans.ensure_plan(engine_copy, manifest, env2, io, PlanSettings(), progress=messages.append)
     assert "(stale: plugin library changed)" in messages[0]
     assert [c for c in fake2.calls if c[0] == "build_serialized_network"]
+
+
+def test_parse_and_build_failures_are_one_line(fake_trt, tiny_engine, tmp_path):
+    import shutil
+
+    engine = shutil.copytree(tiny_engine("gqa2-tied", backend="trt", precision="int4", kv_dtype="fp16"),
+                             tmp_path / "fp16kv")
+    fake, cuda = fake_trt("8.6.1", MX250)
+    manifest = load_manifest(engine)
+    env, io = trt_plans.open_tensorrt(cuda=cuda), read_trt_io(engine, manifest)["decoder"]
+    fake.parse_error = "No importer registered for op: Qwen3VLAttention"
+    with pytest.raises(TrtPlanError) as parse:
+        trt_plans.ensure_plan(engine, manifest, env, io, PlanSettings())
+    assert str(parse.value) == ("TensorRT 8.6.1 could not parse decoder.trt.onnx: No importer registered for op: "
+                                "Qwen3VLAttention")
+    fake.parse_error, fake.build_error = None, "could not find any supported formats"
+    with pytest.raises(TrtPlanError) as build:
+        trt_plans.ensure_plan(engine, manifest, env, io, PlanSettings())
+    assert str(build.value) == ("TensorRT 8.6.1 could not build a plan from decoder.trt.onnx: could not find any "
+                                "supported formats (an fp16 KV cache on TensorRT 8.6 may need the FP16 flag: "
+                                "--trt-fp16)")
+    assert not (engine / "trt" / "decoder.plan").exists()
+
+
+def test_backend_with_an_fp16_kv_cache(fake_trt, tiny_engine, tmp_path):
+    import shutil
+
+    engine = shutil.copytree(tiny_engine("gqa2-tied", backend="trt", precision="int4", kv_dtype="fp16"),
+                             tmp_path / "fp16kv")
+    fake, cuda = fake_trt("8.6.1", MX250)
+    manifest = load_manifest(engine)
+    backend = TrtBackend(engine, manifest, PlanSettings(prefill_chunk=4), vision_on_gpu=False, cuda=cuda,
+                         progress=lambda message: None)
+    assert backend.kv_dtype == np.float16 and backend.decoder_dtype == np.float32
+    cache = backend.new_cache(1, 16)
+    assert cache.nbytes == 2 * 4 * 1 * 2 * 16 * 16 * 2  # half of fp32's
+    backend.prefill(cache, _prompt_chunk([6], manifest.model))
+    assert backend.decode(cache, np.array([700]), np.array([6]), np.array([6])).argmax() == 701
+    assert _cache_tokens(cache, backend)[0, :7].tolist() == [100, 101, 102, 103, 104, 105, 700]
+    assert all(e["dtypes"]["past_key.0"] == "HALF" for e in fake.executions if "past_key.0" in e["dtypes"])
 
 
 def test_kv_copies_in_a_plan_are_reported(fake_trt, engine_copy):
@@ -965,10 +1060,11 @@ def test_backend_binds_one_slab_and_prefills_in_pieces(fake_trt, engine_copy, ve
     fake, cuda = fake_trt(version, MX250 if version.startswith("8") else RTX)
     manifest = load_manifest(engine_copy)
     m = manifest.model
-    backend = TrtBackend(engine_copy, manifest, PlanSettings(max_batch=2, prefill_chunk=4), cuda=cuda,
-                         progress=lambda message: None)
+    backend = TrtBackend(engine_copy, manifest, PlanSettings(max_batch=2, prefill_batch=2, prefill_chunk=4),
+                         cuda=cuda, progress=lambda message: None)
     assert backend.name == f"tensorrt-{version}" and backend.decoder_dtype == np.float32
-    assert (backend.max_batch, backend.max_chunk, backend.max_capacity) == (2, 4, manifest.max_context)
+    assert (backend.max_batch, backend.prefill_batch, backend.max_chunk) == (2, 2, 4)
+    assert backend.max_capacity == manifest.max_context
     cache = backend.new_cache(2, 16)
     assert cache.nbytes == 2 * 4 * 2 * 2 * 16 * 16 * 4
 
@@ -1036,12 +1132,30 @@ def test_backend_decode_is_captured_once_and_replayed(fake_trt, engine_copy):
     assert step([501, 601], [4, 3]).argmax(1).tolist() == [502, 602]
 
 
+def test_backend_rows_beyond_the_plans_batch(fake_trt, engine_copy):
+    """Prefill one row per call (the default prefill batch), decode in groups of the decode batch."""
+    fake, cuda = fake_trt("8.6.1", MX250)
+    manifest = load_manifest(engine_copy)
+    backend = TrtBackend(engine_copy, manifest, PlanSettings(max_batch=2), cuda=cuda, progress=lambda message: None)
+    cache = backend.new_cache(3, 8)
+    fake.executions.clear()
+    logits = backend.prefill(cache, _prompt_chunk([2, 3, 1], manifest.model))
+    assert [e["shapes"]["input_ids"] for e in fake.executions] == [(1, 2), (1, 3), (1, 1)]
+    assert logits.argmax(axis=1).tolist() == [102, 203, 301]
+    for step in range(3):
+        past = np.array([2, 3, 1]) + step
+        tokens = np.array([10, 20, 30]) + step
+        assert backend.decode(cache, tokens, past, past).argmax(axis=1).tolist() == (tokens + 1).tolist()
+    runs = [e["shapes"]["input_ids"] for e in fake.executions if e["profile"] == 1]
+    assert runs == [(2, 1), (1, 1)] * 3
+    tokens = _cache_tokens(cache, backend)
+    assert tokens[2, :4].tolist() == [300, 30, 31, 32] and tokens[1, :6].tolist() == [200, 201, 202, 20, 21, 22]
+
+
 def test_backend_refuses_caches_that_do_not_fit(fake_trt, engine_copy):
     fake, cuda = fake_trt("8.6.1", MX250, free=100 << 20)
     manifest = load_manifest(engine_copy)
     backend = TrtBackend(engine_copy, manifest, PlanSettings(max_batch=2), cuda=cuda, progress=lambda message: None)
-    with pytest.raises(Exception, match="at most 2 prompts"):
-        backend.new_cache(3, 16)
     per_token = kv_bytes_per_token(manifest.model, 4)
     fits = capacity_that_fits(100 << 20, 1, per_token)
     assert backend.max_capacity_for(1) == min(fits, manifest.max_context)
