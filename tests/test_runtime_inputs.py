@@ -12,17 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.build_engine import build_engine
 from model_src.synthetic_checkpoint import write_preset
 
 MAX_CONTEXT = 256
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runtime-inputs")
-    checkpoint = write_preset("tiny", root / "ck", seed=3)
-    return build_engine(checkpoint, root / "engine", max_context=MAX_CONTEXT)
+def engine(tiny_engine):
+    return tiny_engine("gqa2-tied", max_context=MAX_CONTEXT)
 
 
 def qwen3vl(*args, timeout=300):
