@@ -8,6 +8,7 @@ DEMO_CHECKPOINT ?= checkpoints/demo-small
 MODEL ?= $(DEMO_CHECKPOINT)
 ENGINE ?= engines/$(notdir $(abspath $(MODEL)))
 PRECISION ?= fp32
+BACKEND ?= ort
 MAX_CONTEXT ?= 8192
 IMAGE ?= assets/sample.png
 PROMPT ?= Describe this image.
@@ -31,7 +32,7 @@ checkpoint: $(DEMO_CHECKPOINT)/config.json
 
 # The build step: checkpoint folder (MODEL=, default the demo checkpoint) -> engine folder (ENGINE=).
 engine: install $(if $(filter $(MODEL),$(DEMO_CHECKPOINT)),checkpoint)
-	$(QWEN3VL) build --checkpoint $(MODEL) --out $(ENGINE) --precision $(PRECISION) --max-context $(MAX_CONTEXT)
+	$(QWEN3VL) build --checkpoint $(MODEL) --out $(ENGINE) --backend $(BACKEND) --precision $(PRECISION) --max-context $(MAX_CONTEXT) $(if $(KV_DTYPE),--kv-dtype $(KV_DTYPE))
 
 demo: engine
 	$(QWEN3VL) run --engine $(ENGINE) --image $(IMAGE) --prompt "$(PROMPT)" --max-new-tokens 32

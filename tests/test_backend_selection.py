@@ -131,3 +131,21 @@ def test_the_command_line_reports_the_choice_and_the_reasons(tiny_engine, tmp_pa
     assert body["backend"]["requested"] == "auto" and body["backend"]["chosen"] == body["timings"]["backend"]
     if "no NVIDIA GPU found" in proc.stderr:
         assert body["backend"]["chosen"] == "onnxruntime-cpu" and len(lines) == 3
+
+
+def test_the_tensorrt_extra_resolves_only_to_what_runs_on_pascal():
+    """TensorRT 8.6 (10.x refuses SM 6.x; its wheels stop at Python 3.11) and nothing from CUDA 13."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    extra = {r.name: r for r in map(Requirement, project["optional-dependencies"]["tensorrt"])}
+    trt = extra["tensorrt"]
+    assert set(trt.specifier.filter(["8.5.3.1", "8.6.1", "8.6.1.post1", "10.0.1", "10.13.3.9", "11.4.0.106"])) == {
+        "8.6.1", "8.6.1.post1"}
+    assert trt.marker.evaluate({"python_version": "3.11"}) and not trt.marker.evaluate({"python_version": "3.12"})
+    assert all(not r.specifier.contains(Version("13.0.0")) for r in extra.values())  # no CUDA 13 package
+    assert extra["nvidia-cuda-runtime-cu12"].specifier.contains(Version("12.9.79"))
