@@ -252,7 +252,7 @@ class _Plan:
         """Every output's shape with every input at its profile maximum (or at `fixed`)."""
         context = self.contexts[profile]
         for name in self.inputs:
-            context.set_input_shape(name, (fixed or {}).get(name, self.profile_max(name, profile)))
+            set_shape(context, name, (fixed or {}).get(name, self.profile_max(name, profile)))
         shapes = {name: tuple(context.get_tensor_shape(name)) for name in self.outputs}
         bad = [name for name, shape in shapes.items() if any(d < 0 for d in shape)]
         if bad:
@@ -262,6 +262,11 @@ class _Plan:
     def close(self) -> None:
         self.contexts = []
         self.engine = None
+
+
+def set_shape(context, name: str, shape: tuple[int, ...]) -> None:
+    if not context.set_input_shape(name, tuple(int(d) for d in shape)):
+        raise TrtPlanError(f"TensorRT refused shape {tuple(shape)} for {name}: outside the plan's optimization profile")
 
 
 def _stage(cuda: CudaRuntime, stream: int, staged: _Staged, value: np.ndarray | None, shape: tuple[int, ...]) -> None:
@@ -397,7 +402,7 @@ class TrtBackend:
         m, b = self.manifest.model, cache.batch
         shape = (b, m.num_key_value_heads, cache.capacity, m.head_dim)
         for past, present, address in zip(self.past_names, self.present_names, cache.addresses()):
-            context.set_input_shape(past, shape)
+            set_shape(context, past, shape)
             context.set_tensor_address(past, address)
             context.set_tensor_address(present, address)  # the same memory: the plugin writes in place
 
@@ -422,7 +427,7 @@ class TrtBackend:
             staged = self._prefill_inputs.get(name)
             if staged is None:
                 continue  # an input the plan does not take
-            context.set_input_shape(name, shapes[name])
+            set_shape(context, name, shapes[name])
             context.set_tensor_address(name, staged.device.ptr)
             _stage(self.cuda, self.stream, staged, value, shapes[name])
         self._bind_cache(context, cache)
@@ -464,7 +469,7 @@ class TrtBackend:
                                           host.patch_frame_slot)))
         for name, staged in self._vision_inputs.items():
             value = np.asarray(values[name])
-            context.set_input_shape(name, value.shape)
+            set_shape(context, name, value.shape)
             context.set_tensor_address(name, staged.device.ptr)
             _stage(self.cuda, self.stream, staged, value, value.shape)
         for name, (device, _) in self._vision_outputs.items():
@@ -552,7 +557,7 @@ class _DecodeSteps:
     def _bind(self) -> None:
         context = self.context
         for name, staged in self.inputs.items():
-            context.set_input_shape(name, self.shapes[name])
+            set_shape(context, name, self.shapes[name])
             context.set_tensor_address(name, staged.device.ptr)
         self.backend._bind_cache(context, self.cache)
         context.set_tensor_address("logits", self.logits_device.ptr)
@@ -579,30 +584,37 @@ class _DecodeSteps:
         for name, value in values.items():
             if name in self.inputs:
                 np.copyto(self.inputs[name].host.array, value, casting="unsafe")
-        if self.graph is None and backend._decode_owner() is not self:
-            self._bind()  # another cache's steps used the context since
-        if self.graph is None and self.capture and self.steps >= 1:
-            self._capture()  # the first step ran plainly: TensorRT's deferred set-up is done
         if self.graph is not None:
             cuda.graph_launch(self.graph, stream)
-        elif not self._enqueue():
-            raise TrtPlanError("TensorRT refused to run a decode step (see its log above)")
+        else:
+            if backend._decode_owner() is not self:
+                self._bind()  # another group's or cache's steps used the context since
+            if not self._enqueue():
+                raise TrtPlanError("TensorRT refused to run a decode step (see its log above)")
+            if self.capture:
+                # Right after a plain step with these shapes and addresses (TensorRT's deferred set-up
+                # done, as trtexec does before capturing), record the same step for the next ones.
+                cuda.synchronize(stream)
+                self._capture()
         cuda.synchronize(stream)
         self.steps += 1
         logits = self.logits_host.array
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
     def _capture(self) -> None:
+        """Records (does not run) one step into a CUDA graph; where TensorRT or CUDA refuse, the steps
+        keep running uncaptured."""
         cuda, stream = self.backend.cuda, self.backend.stream
         self.capture = False  # one try
-        cuda.synchronize(stream)
         cuda.begin_capture(stream)
-        ok = self._enqueue()  # TensorRT returns False when something in it cannot be captured
-        graph = cuda.end_capture(stream)
+        try:
+            ok = self._enqueue()  # TensorRT returns False when something in it cannot be captured
+        finally:
+            graph = cuda.end_capture(stream)
         if ok and graph is not None:
             self.graph = cuda.graph_instantiate(graph)
         elif graph is not None:
-            cuda.graph_discard(graph)  # this step then runs uncaptured, and so do the next ones
+            cuda.graph_discard(graph)
 
     def close(self) -> None:
         if self.graph is not None:
