@@ -110,9 +110,10 @@ def run(args) -> int:
 
 def resolve_against(choice: str, plugins: str | None) -> tuple[str, str | None]:
     """("tensorrt" | "reference", a line saying why auto chose the reference, or None)."""
-    if choice != "auto":
+    if choice == "reference":
         return choice, None
     from runtime.environment import find_plugin_library, probe_gpu, probe_tensorrt
+    from runtime.errors import Qwen3VLError
 
     gpu = probe_gpu()
     version, problem = probe_tensorrt() if gpu is not None else (None, None)
@@ -121,9 +122,11 @@ def resolve_against(choice: str, plugins: str | None) -> tuple[str, str | None]:
     elif version is None:
         why = f"TensorRT is not importable ({problem})"
     elif not (plugins or find_plugin_library()):
-        why = "no plugin library: run `make plugins`"
+        why = "no plugin library: run `make plugins` or give --plugins"
     else:
         return "tensorrt", None
+    if choice == "tensorrt":
+        raise Qwen3VLError(f"--against tensorrt: {why}")
     return "reference", f"against the plugins' numpy references on the CPU ({why})"
 
 

@@ -125,6 +125,9 @@ def test_refusals_are_one_line(tiny_engine, capsys):
     assert code == 1 and err.strip().splitlines()[-1].startswith("error: --mark no/such/tensor: not a tensor both")
     code, _, err = compare(capsys, "--engine", engine, "--atol", "logits:lots")
     assert code == 1 and "error: tolerance 'logits:lots'" in err
+    code, _, err = compare(capsys, "--engine", engine, "--against", "tensorrt")
+    if "--against tensorrt" in err:  # where TensorRT cannot run: one line, no traceback
+        assert code == 1 and err.strip().splitlines()[-1].startswith("error: --against tensorrt: ")
 
 
 def test_int8_activation_rounding_matches_its_contract():

@@ -40,7 +40,8 @@ def test_kv_cache_per_token_of_the_2b_model():
 
 def test_stated_weight_bytes_agree_with_the_parameter_counts():
     assert weight_bytes_per_parameter("int4", 64) == 0.5 + 4 / 64
-    assert TEXT_PARAMETERS * weight_bytes_per_parameter("int4", 64) == pytest.approx(INT4.decoder_weight_bytes, rel=0.01)
+    int4_bytes = TEXT_PARAMETERS * weight_bytes_per_parameter("int4", 64)
+    assert int4_bytes == pytest.approx(INT4.decoder_weight_bytes, rel=0.01)
     assert TEXT_PARAMETERS * 4 == pytest.approx(FP32.decoder_weight_bytes, rel=0.01)
     assert VISION_PARAMETERS * 4 == pytest.approx(FP32.vision_weight_bytes, rel=0.02)
     assert INT4.decoder_parameters == pytest.approx(TEXT_PARAMETERS, rel=0.01)
