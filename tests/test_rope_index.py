@@ -1,10 +1,10 @@
-"""runtime.rope_index against transformers' Qwen3VLModel.get_rope_index and generate (the oracles)."""
+"""runtime.rope_index against transformers' Qwen3VLModel.get_rope_index (the oracle)."""
 
 import numpy as np
 import pytest
 
 from runtime.errors import PromptError
-from runtime.rope_index import decode_position_ids, rope_index
+from runtime.rope_index import rope_index
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -146,48 +146,3 @@ def test_token_count_mismatch_raises():
     assert "\n" not in str(info.value)
     with pytest.raises(PromptError):
         rope_index(np.array([prompt([[1, 4, 6]])]), None, None, IMG, 2)
-
-
-def test_decode_positions_match_generate(model):
-    """Positions transformers' generate feeds the decoder for every step of a left-padded batch."""
-    grids = np.array([[1, 4, 6], [1, 2, 2]])
-    ids, mask = left_pad([prompt(grids[:1].tolist()), prompt(grids[1:].tolist())])
-    seen = []
-
-    def record(module, args, kwargs):
-        seen.append(kwargs["position_ids"].clone())
-
-    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        generator = torch.Generator().manual_seed(0)
-        pixel_values = torch.randn(int((grids[:, 1] * grids[:, 2]).sum()), 3 * 2 * 4 * 4, generator=generator)
-        model.generate(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            mm_token_type_ids=torch.from_numpy((ids == IMG).astype(np.int32)),
-            pixel_values=pixel_values,
-            image_grid_thw=torch.from_numpy(grids),
-            max_new_tokens=4,
-            min_new_tokens=4,
-            do_sample=False,
-            pad_token_id=PAD,
-        )
-    finally:
-        handle.remove()
-    pos, delta = rope_index(ids, grids, mask, IMG, 2)
-    np.testing.assert_array_equal(seen[0][1:].numpy(), pos)  # rows 1..3 are T, H, W
-    num_padding = (mask == 0).sum(axis=1)
-    assert num_padding.tolist() == [0, 5]
-    assert len(seen) == 4
-    for step, used in enumerate(seen[1:]):
-        cache_len = ids.shape[1] + step
-        np.testing.assert_array_equal(used[1:].numpy(), decode_position_ids(cache_len, delta, 2, num_padding))
-
-
-def test_decode_positions_shape_and_expansion():
-    deltas = np.array([[-3], [2]])
-    out = decode_position_ids(10, deltas, 2)
-    assert out.shape == (3, 2, 1) and out.dtype == np.int64
-    np.testing.assert_array_equal(out[:, :, 0], [[7, 12]] * 3)
-    expanded = decode_position_ids(np.array([10, 10, 11, 11]), deltas, 4)
-    np.testing.assert_array_equal(expanded[0, :, 0], [7, 7, 13, 13])
