@@ -412,12 +412,14 @@ def ort_vision_attention(q, k, v, index, mask, slot, heads, head_dim):
 
 
 def run_vision(kernels, device, q, k, v, index, mask, heads, head_dim, index_dtype):
+    """mask None: no mask pointer, as the TensorRT plugin calls it (padding slots by index alone)."""
     frames, longest = index.shape
-    args = [device.put(a) for a in (q, k, v, index.astype(index_dtype), mask.astype(np.uint8))]
+    args = [device.put(a) for a in (q, k, v, index.astype(index_dtype))]
+    mask_ptr = None if mask is None else device.put(mask.astype(np.uint8))
     out = device.empty(q.shape, q.dtype)  # filled with NaN bytes: every row must be written
     status = kernels.qwen3vl_vision_attention(
-        *(a.ptr for a in args), out.ptr, q.shape[0], frames, longest, heads, head_dim, head_dim**-0.5,
-        CODES[q.dtype.type], np.dtype(index_dtype).itemsize * 8, None)
+        *(a.ptr for a in args), None if mask_ptr is None else mask_ptr.ptr, out.ptr, q.shape[0], frames, longest,
+        heads, head_dim, head_dim**-0.5, CODES[q.dtype.type], np.dtype(index_dtype).itemsize * 8, None)
     check(device.cuda, status, "qwen3vl_vision_attention")
     return out.numpy()
 
@@ -446,6 +448,30 @@ def test_vision_frames_of_different_lengths_match_reference_and_onnxruntime(kern
     ort_tol = ORT_TOLERANCE[dtype]
     want_ort = ort_vision_attention(q, k, v, index, mask, slot, heads, head_dim)
     np.testing.assert_allclose(got.astype(np.float32), want_ort.astype(np.float32), atol=ort_tol, rtol=ort_tol)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize(*per_backend(
+    "grids", cuda={"4-37-256-1024": [[1, 2, 2], [1, 1, 37], [1, 16, 16], [1, 32, 32]]},
+    emulated={"4-37-130": [[1, 2, 2], [1, 1, 37], [1, 10, 13]]}))
+def test_vision_without_a_mask_takes_padding_from_the_index(kernels, device, grids, dtype):
+    """The TensorRT plugin's call: no mask (TensorRT 8.6 plugins take no bool input), int32 indices
+    with -1 in the padding slots (the graph's Where(mask, index, -1)); the same result as with the mask."""
+    dtype = DTYPES[dtype]
+    heads, head_dim = 16, 64
+    index, mask, slot = frame_layout(np.array(grids))
+    marked = np.where(mask, index, -1).astype(np.int32)
+    patches = int(mask.sum())
+    rng = np.random.default_rng(17)
+    q, k, v = (rng.standard_normal((patches, heads * head_dim)).astype(dtype) for _ in range(3))
+    got = run_vision(kernels, device, q, k, v, marked, None, heads, head_dim, np.int32)
+    want = vision_attention(q, k, v, index, mask, slot, heads, head_dim, head_dim**-0.5)
+    np.testing.assert_array_equal(want, vision_attention(q, k, v, marked, None, slot, heads, head_dim,
+                                                         head_dim**-0.5))  # the plugin's reference agrees
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=tol, rtol=tol)
+    with_mask = run_vision(kernels, device, q, k, v, index, mask, heads, head_dim, np.int32)
+    np.testing.assert_array_equal(got, with_mask)
 
 
 @pytest.mark.parametrize("backend", BOTH)

@@ -5,9 +5,16 @@
 - every plugin `.cpp` with g++ -fsyntax-only against each TensorRT header set found under
   $TRT_HEADERS_ROOT (folders like v8.6.1/include, v10.13.3/include, v11.1/include). No TensorRT
   wheel ships headers and none are in this project, so without that variable the check skips;
-- with those headers, the plugin sources linked with the kernels into tests/plugin_lifecycle.cpp,
-  which runs each creator and plugin through create / clone / serialize / deserialize / destroy
-  (no GPU and no TensorRT library needed: nothing is enqueued).
+- with those headers, the plugin sources linked with the kernels into tests/plugin_lifecycle.cpp
+  (no GPU and no TensorRT library needed: nothing is enqueued), which builds each plugin's fields as
+  TensorRT 8.6's ONNX parser does (only the creator's listed names; strings with their NUL, int and
+  float arrays) from the attributes the TensorRT passes write, runs each creator and plugin through
+  create / clone / serialize / deserialize / destroy, checks supportsFormatCombination position by
+  position against the types TensorRT offers a plugin (FLOAT, HALF, INT32) and getOutputDimensions
+  through a stand-in of TensorRT's expression builder.
+The header sets a run used are its test ids (e.g. `[v8.6.1]`, `[v10.13.3]`, `[v11.1]`): extract them
+from github.com/NVIDIA/TensorRT outside the project, e.g.
+`git archive v8.6.1 include | tar -x -C $TRT_HEADERS_ROOT/v8.6.1`.
 """
 
 from __future__ import annotations

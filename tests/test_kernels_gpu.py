@@ -376,6 +376,58 @@ def test_gather_out_of_range_rows_are_zero(kernels, device):
     assert not out[1:].any()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("backend", BOTH)
+def test_kernels_read_the_tensorrt_graphs_int32_words(kernels, device, tmp_path, bits):
+    """What the plugins hand the kernels: the TensorRT graph's int32 initializers (B (N, k_blocks,
+    blob / 4), the table likewise, zero points flat and zero-padded to a word: N = 23 rows of 2-3
+    bytes) and int32 indices, their pointers cast to bytes; against the plugin references on that graph."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graph_passes.pass_runner import run_passes
+    from graph_passes.plugin_reference import run_reference
+    from graph_passes.trt_weight_gemm import trt_weight_gemm
+
+    k, n, block, vocab = 80, 23, 32, 10
+    rng = np.random.default_rng(bits)
+    packed, scales, zero_points = quantize_blockwise(rng.standard_normal((k, n)).astype(np.float32) + 0.3, bits,
+                                                     block, symmetric=False)
+    table, table_scales, table_zero_points = quantize_blockwise(
+        rng.standard_normal((vocab, k)).astype(np.float32), bits, block, symmetric=False, rows=True)
+    table = table.reshape(vocab, -1)
+    nodes = [helper.make_node("MatMulNBits", ["a", "w", "w_scales", "w_zero_points"], ["y"], domain="com.microsoft",
+                              K=k, N=n, bits=bits, block_size=block, accuracy_level=0),
+             helper.make_node("GatherBlockQuantized", ["table", "ids", "t_scales", "t_zero_points"], ["rows"],
+                              domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1)]
+    inits = [numpy_helper.from_array(x, name) for x, name in (
+        (packed, "w"), (scales, "w_scales"), (zero_points, "w_zero_points"), (table, "table"),
+        (table_scales, "t_scales"), (table_zero_points, "t_zero_points"))]
+    graph = helper.make_graph(nodes, "words", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, k]),
+                                                helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in ("y", "rows")], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    path = tmp_path / "words.onnx"
+    onnx.save(model, path)
+    assert run_passes(path, [trt_weight_gemm]) == ["trt_weight_gemm"]
+    words = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    assert all(words[x].dtype == np.int32 for x in ("w", "w_zero_points", "table", "t_zero_points"))
+    feeds = {"a": rng.standard_normal((3, k)).astype(np.float32), "ids": np.array([[0, 9, 3], [3, -1, 1]])}
+    expected = run_reference(path, feeds)
+
+    y = run_gemm(kernels, device, feeds["a"], words["w"], scales, words["w_zero_points"], None, k, n, bits, block)
+    assert_gemm_close(y, expected["y"], np.float32)
+    ids = feeds["ids"].astype(np.int32)
+    rows = device.empty((*ids.shape, table_scales.shape[1] * block), np.float32)
+    status = kernels.qwen3vl_quantized_gather(
+        ptr(device.put(words["table"])), ptr(device.put(ids)), 32, ids.size, ptr(device.put(table_scales)),
+        ptr(device.put(words["t_zero_points"])), rows.ptr, vocab, table_scales.shape[1], bits, block, 0, None)
+    check(device.cuda, status, "qwen3vl_quantized_gather")
+    np.testing.assert_array_equal(rows.numpy(), expected["rows"])  # the padded width, as the plugin
+
+
 # -- decode bandwidth (printed, not asserted) -----------------------------------------------------------
 
 def device_copy_bandwidth(cuda: Cuda, device: Device, nbytes: int = 1 << 29) -> float:

@@ -14,7 +14,8 @@
 // - Dims hold int32 in 8.6 and int64 from 10.0; IExprBuilder::constant takes the same type:
 //   DimValue and constantDim().
 // - DataType::kINT64 and PluginFieldType::kINT64 exist from 10.0 (8.6's ONNX parser narrows int64
-//   tensors to int32): kHasInt64.
+//   tensors to int32). The TensorRT graphs cast every index a plugin reads to int32, so the plugins
+//   take INT32 in every version; only attribute parsing meets kINT64 (plugin_utils.h).
 // - IPluginV2Ext::isOutputBroadcastAcrossBatch/canBroadcastInputAcrossBatch are gone in 11.x; they
 //   are final in IPluginV2DynamicExt in 8.6 and 10.x, so the plugins never mention them.
 // - Every virtual is noexcept in all of these versions (since 8.0) and AsciiChar is char in all of
@@ -69,36 +70,9 @@ constexpr int kMajor = NV_TENSORRT_MAJOR;
 // int32_t in 8.6, int64_t from 10.0.
 using DimValue = std::remove_all_extents_t<decltype(nvinfer1::Dims::d)>;
 
-constexpr bool kHasInt64 = NV_TENSORRT_MAJOR >= 10;
-
 inline nvinfer1::IDimensionExpr const* constantDim(nvinfer1::IExprBuilder& builder, int64_t value) noexcept
 {
     return builder.constant(static_cast<DimValue>(value));
-}
-
-// Index tensors: int32 everywhere, int64 where TensorRT has it.
-inline bool isIndexType(nvinfer1::DataType type) noexcept
-{
-#if NV_TENSORRT_MAJOR >= 10
-    if (type == nvinfer1::DataType::kINT64)
-    {
-        return true;
-    }
-#endif
-    return type == nvinfer1::DataType::kINT32;
-}
-
-inline int indexBits(nvinfer1::DataType type) noexcept
-{
-#if NV_TENSORRT_MAJOR >= 10
-    if (type == nvinfer1::DataType::kINT64)
-    {
-        return 64;
-    }
-#else
-    static_cast<void>(type); // 8.6: int32 only
-#endif
-    return 32;
 }
 
 } // namespace trt

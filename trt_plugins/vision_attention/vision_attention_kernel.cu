@@ -18,6 +18,12 @@ namespace qwen3vl
 namespace
 {
 
+template <typename I>
+__device__ __forceinline__ bool isPatch(uint8_t const* mask, I const* index, int64_t patches, int l)
+{
+    return (mask == nullptr || mask[l] != 0) && index[l] >= 0 && index[l] < patches;
+}
+
 template <int D, typename T, typename I>
 struct VisionProblem
 {
@@ -28,17 +34,18 @@ struct VisionProblem
     T const* q;
     T* out;
     I const* index;        // this frame's row of frame_patch_index
-    uint8_t const* mask;   // this frame's row of frame_patch_mask
+    uint8_t const* mask;   // this frame's row of frame_patch_mask, or nullptr (padding by index alone)
     int64_t patches;       // N: an index outside [0, N) is a padding slot
     int64_t tokenStride;   // H * D
     int64_t headOffset;    // h * D
     int l0;                // first slot of the tile
     float qScale;
 
-    // A patch slot: masked in, and an index in range (TensorRT's timing runs pass arbitrary data).
+    // A patch slot: masked in (when there is a mask), and an index in range (the TensorRT plugin
+    // marks padding with -1 instead of a mask; its timing runs pass arbitrary data).
     __device__ bool active(int l) const
     {
-        return mask[l] != 0 && index[l] >= 0 && index[l] < patches;
+        return isPatch(mask, index, patches, l);
     }
     __device__ int64_t rowOffset(int j) const
     {
@@ -82,8 +89,9 @@ __global__ void __launch_bounds__(tile::kThreads) visionAttentionKernel(T const*
     __shared__ int frameEnd;
 
     int const f = blockIdx.z;
-    uint8_t const* mask = frameMask + static_cast<int64_t>(f) * longest;
-    // The frame's extent: one past its last patch (frame_layout fills a prefix; any mask works).
+    uint8_t const* mask = frameMask == nullptr ? nullptr : frameMask + static_cast<int64_t>(f) * longest;
+    I const* index = frameIndex + static_cast<int64_t>(f) * longest;
+    // The frame's extent: one past its last patch (frame_layout fills a prefix; any layout works).
     if (threadIdx.x == 0)
     {
         frameEnd = 0;
@@ -92,7 +100,7 @@ __global__ void __launch_bounds__(tile::kThreads) visionAttentionKernel(T const*
     int end = 0;
     for (int l = threadIdx.x; l < longest; l += tile::kThreads)
     {
-        end = mask[l] ? l + 1 : end;
+        end = isPatch(mask, index, patches, l) ? l + 1 : end;
     }
     atomicMax(&frameEnd, end);
     __syncthreads();
@@ -110,7 +118,7 @@ __global__ void __launch_bounds__(tile::kThreads) visionAttentionKernel(T const*
     pb.values = v;
     pb.q = q;
     pb.out = out;
-    pb.index = frameIndex + static_cast<int64_t>(f) * longest;
+    pb.index = index;
     pb.mask = mask;
     pb.patches = patches;
     pb.tokenStride = static_cast<int64_t>(heads) * D;
@@ -175,8 +183,7 @@ extern "C" cudaError_t qwen3vl_vision_attention(void const* q, void const* k, vo
     {
         return cudaSuccess;
     }
-    if (q == nullptr || k == nullptr || v == nullptr || frame_patch_index == nullptr || frame_patch_mask == nullptr
-        || output == nullptr)
+    if (q == nullptr || k == nullptr || v == nullptr || frame_patch_index == nullptr || output == nullptr)
     {
         return cudaErrorInvalidValue;
     }

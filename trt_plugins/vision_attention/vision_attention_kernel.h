@@ -14,8 +14,9 @@ extern "C" {
 /* output[n, h] = sum_m softmax_m(q[n, h] . k[m, h] * scale) v[m, h] over the patches m of n's frame.
    q, k, v, output: (patches, num_heads * head_dim), storage `dtype`; head_dim 64 or 128.
    frame_patch_index (frames, longest): int32 or int64 (index_bits 32 or 64), the packed row of each
-   slot; frame_patch_mask (frames, longest): bool bytes, the slots that hold a patch. A slot whose
-   index is outside [0, patches) counts as padding (never read or written out of bounds).
+   slot; frame_patch_mask (frames, longest): bool bytes, the slots that hold a patch, or NULL (the
+   TensorRT plugin: padding slots then hold an index outside the range, -1). A slot whose index is
+   outside [0, patches) counts as padding either way (never read or written out of bounds).
    The result of slot (f, l) is written to row frame_patch_index[f, l], so the layout must be one
    where patch_frame_slot is the inverse of the index over the masked slots (what
    runtime/vision_positions.frame_layout builds); patch_frame_slot itself is not needed here.

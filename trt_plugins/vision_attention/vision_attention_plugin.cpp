@@ -1,9 +1,11 @@
 // TensorRT plugin `Qwen3VLVisionAttention`: the node graph_passes/trt_vision_attention.py emits.
-//   (q, k, v, frame_patch_index, frame_patch_mask, patch_frame_slot) -> output
-// The index tensors are int32 (TensorRT 8.6's parser narrows int64 inputs) or int64 (10.x+); the
-// mask is bool. The kernel writes each frame slot's result to the row frame_patch_index names, so
-// patch_frame_slot (its inverse, from the same frame_layout) is accepted but not read. Index values
-// outside [0, N) count as padding: the builder's timing runs feed arbitrary data.
+//   (q, k, v, frame_patch_index, patch_frame_slot) -> output
+// The index tensors are int32 (the graph casts them; TensorRT 8.6 offers a plugin FLOAT, HALF and
+// INT32 only). There is no mask input (no bool plugin input in 8.6): the graph marks padding slots
+// with index -1, and the kernel, given no mask, counts every index outside [0, N) as padding (the
+// builder's timing runs feed arbitrary data, so that check is needed anyway). The kernel writes
+// each frame slot's result to the row frame_patch_index names, so patch_frame_slot (its inverse,
+// from the same frame_layout) is accepted but not read.
 #include "vision_attention_plugin.h"
 
 #include "vision_attention_kernel.h"
@@ -28,7 +30,6 @@ enum Input : int32_t
     kK,
     kV,
     kFramePatchIndex,
-    kFramePatchMask,
     kPatchFrameSlot,
     kNbInputs
 };
@@ -106,8 +107,7 @@ bool VisionAttentionPlugin::supportsFormatCombination(
     {
     case kQ: return desc.type == DataType::kFLOAT || desc.type == DataType::kHALF;
     case kFramePatchIndex:
-    case kPatchFrameSlot: return trt::isIndexType(desc.type);
-    case kFramePatchMask: return desc.type == DataType::kBOOL;
+    case kPatchFrameSlot: return desc.type == DataType::kINT32;
     default: return desc.type == inOut[kQ].type; // k, v and the output
     }
 }
@@ -117,23 +117,20 @@ void VisionAttentionPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc co
 {
     if (nbInputs != kNbInputs || nbOutputs != 1)
     {
-        reportError(kName, "expects 6 inputs (q, k, v, frame_patch_index, frame_patch_mask, patch_frame_slot) and "
-                           "1 output");
+        reportError(kName, "expects 5 inputs (q, k, v, frame_patch_index, patch_frame_slot) and 1 output");
         return;
     }
     int64_t const width = static_cast<int64_t>(mNumHeads) * mHeadDim;
     nvinfer1::Dims const& index = in[kFramePatchIndex].desc.dims;
-    nvinfer1::Dims const& mask = in[kFramePatchMask].desc.dims;
     bool ok = true;
     for (int32_t i = kQ; i <= kV; ++i)
     {
         ok = ok && in[i].desc.dims.nbDims == 2 && dimIs(in[i].desc.dims, 1, width);
     }
-    ok = ok && index.nbDims == 2 && mask.nbDims == 2 && in[kPatchFrameSlot].desc.dims.nbDims == 1;
+    ok = ok && index.nbDims == 2 && in[kPatchFrameSlot].desc.dims.nbDims == 1;
     if (!ok)
     {
-        reportError(kName, "shapes: q/k/v (N, H*D), frame_patch_index and frame_patch_mask (F, L), "
-                           "patch_frame_slot (N)");
+        reportError(kName, "shapes: q/k/v (N, H*D), frame_patch_index (F, L), patch_frame_slot (N)");
     }
 }
 
@@ -155,10 +152,10 @@ int32_t VisionAttentionPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDe
         return 1;
     }
     qwen3vl_dtype const dtype = inputDesc[kQ].type == nvinfer1::DataType::kHALF ? QWEN3VL_FLOAT16 : QWEN3VL_FLOAT32;
+    // No mask: padding slots hold an index outside [0, N) (the graph's -1).
     cudaError_t const status = qwen3vl_vision_attention(inputs[kQ], inputs[kK], inputs[kV],
-        inputs[kFramePatchIndex], static_cast<uint8_t const*>(inputs[kFramePatchMask]), outputs[0],
-        static_cast<int64_t>(q.d[0]), static_cast<int32_t>(index.d[0]), static_cast<int32_t>(index.d[1]), mNumHeads,
-        mHeadDim, mScale, dtype, trt::indexBits(inputDesc[kFramePatchIndex].type), stream);
+        inputs[kFramePatchIndex], nullptr, outputs[0], static_cast<int64_t>(q.d[0]), static_cast<int32_t>(index.d[0]),
+        static_cast<int32_t>(index.d[1]), mNumHeads, mHeadDim, mScale, dtype, 32, stream);
     return launchStatus(status, kName);
 }
 

@@ -1,6 +1,9 @@
 // TensorRT plugin `Qwen3VLQuantizedGather`: the quantized token embedding, the node
 // graph_passes/trt_weight_gemm.py emits from GatherBlockQuantized (gather_axis 0, quantize_axis 1).
 //   (data, indices, scales[, zero_points if has_zero_points]) -> Y (*indices.shape, k_blocks * block_size)
+// data int32 (V, k_blocks, blob / 4) and zero points int32 (ceil(V * zp_row / 4)) are words over
+// the uint8 bytes of GatherBlockQuantized's layout (TensorRT 8.6 offers a plugin FLOAT, HALF and
+// INT32 only); data is the same initializer as the tied lm_head's weight. Indices int32.
 #include "quantized_gather_plugin.h"
 
 #include "weight_only_gemm_kernel.h"
@@ -17,11 +20,6 @@ namespace
 {
 
 int32_t const kSerialFormat = 1;
-
-bool isByteTensor(nvinfer1::DataType type)
-{
-    return type == nvinfer1::DataType::kUINT8 || type == nvinfer1::DataType::kINT8; // same bytes either way
-}
 
 bool validAttributes(int32_t bits, int32_t blockSize)
 {
@@ -103,14 +101,14 @@ bool QuantizedGatherPlugin::supportsFormatCombination(
     }
     switch (pos)
     {
-    case 0: return isByteTensor(desc.type);
-    case 1: return trt::isIndexType(desc.type);
+    case 0: return desc.type == nvinfer1::DataType::kINT32; // words over the packed bytes
+    case 1: return desc.type == nvinfer1::DataType::kINT32; // the graph casts its indices to int32
     case 2: return desc.type == nvinfer1::DataType::kFLOAT || desc.type == nvinfer1::DataType::kHALF;
     default: break;
     }
     if (mHasZeroPoints && pos == 3 && pos < nbInputs)
     {
-        return isByteTensor(desc.type);
+        return desc.type == nvinfer1::DataType::kINT32;
     }
     return desc.type == inOut[2].type; // Y
 }
@@ -125,11 +123,14 @@ void QuantizedGatherPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc co
     }
     nvinfer1::Dims const& data = in[0].desc.dims;
     nvinfer1::Dims const& scales = in[2].desc.dims;
-    if (data.nbDims != 2 || scales.nbDims != 2
-        || (data.d[1] >= 0 && scales.d[1] >= 0
-            && static_cast<int64_t>(data.d[1]) * 8 != static_cast<int64_t>(scales.d[1]) * mBlockSize * mBits))
+    if (data.nbDims != 3 || scales.nbDims != 2 || (data.d[1] >= 0 && scales.d[1] >= 0 && data.d[1] != scales.d[1])
+        || (data.d[2] >= 0 && static_cast<int64_t>(data.d[2]) * 32 != static_cast<int64_t>(mBlockSize) * mBits))
     {
-        reportError(kName, "data (rows, k_blocks * block_size * bits / 8) and scales (rows, k_blocks) expected");
+        reportError(kName, "data int32 (rows, k_blocks, block_size * bits / 32) and scales (rows, k_blocks) expected");
+    }
+    if (mHasZeroPoints && in[3].desc.dims.nbDims != 1)
+    {
+        reportError(kName, "zero points int32 (ceil(rows * zp_row / 4)) expected");
     }
 }
 
@@ -145,16 +146,21 @@ int32_t QuantizedGatherPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDe
 {
     nvinfer1::Dims const& data = inputDesc[0].dims;
     nvinfer1::Dims const& scales = inputDesc[2].dims;
-    if (data.nbDims != 2 || scales.nbDims != 2
-        || static_cast<int64_t>(data.d[1]) * 8 != static_cast<int64_t>(scales.d[1]) * mBlockSize * mBits)
+    int64_t const rows = data.nbDims == 3 ? static_cast<int64_t>(data.d[0]) : 0;
+    int64_t const zeroPointWords = (rows * ((static_cast<int64_t>(scales.d[1]) * mBits + 7) / 8) + 3) / 4;
+    if (data.nbDims != 3 || scales.nbDims != 2 || data.d[1] != scales.d[1] || scales.d[0] != data.d[0]
+        || static_cast<int64_t>(data.d[2]) * 32 != static_cast<int64_t>(mBlockSize) * mBits
+        || (mHasZeroPoints && volume(inputDesc[3].dims) != zeroPointWords))
     {
-        reportError(kName, "data (rows, k_blocks * block_size * bits / 8) and scales (rows, k_blocks) expected");
+        reportError(kName, "data int32 (rows, k_blocks, block_size * bits / 32), scales (rows, k_blocks) and zero "
+                           "points int32 (ceil(rows * zp_row / 4)) expected");
         return 1;
     }
+    // int32 words -> the bytes they hold (little-endian, as the graph wrote them): pointer casts.
     uint8_t const* zeroPoints = mHasZeroPoints ? static_cast<uint8_t const*>(inputs[3]) : nullptr;
     qwen3vl_dtype const dtype = inputDesc[2].type == nvinfer1::DataType::kHALF ? QWEN3VL_FLOAT16 : QWEN3VL_FLOAT32;
-    return launchStatus(qwen3vl_quantized_gather(static_cast<uint8_t const*>(inputs[0]), inputs[1],
-                            trt::indexBits(inputDesc[1].type), volume(inputDesc[1].dims), inputs[2], zeroPoints,
+    return launchStatus(qwen3vl_quantized_gather(static_cast<uint8_t const*>(inputs[0]), inputs[1], 32,
+                            volume(inputDesc[1].dims), inputs[2], zeroPoints,
                             outputs[0], static_cast<int64_t>(data.d[0]), static_cast<int32_t>(scales.d[1]), mBits,
                             mBlockSize, dtype, stream),
         kName);

@@ -1,6 +1,10 @@
 // TensorRT plugin `Qwen3VLWeightOnlyGemm`: the node graph_passes/trt_weight_gemm.py emits from
 // MatMulNBits, reading its packed weights as they are.
 //   (A, B, scales[, zero_points if has_zero_points][, bias if has_bias]) -> Y
+// B and the zero points arrive as int32 words over MatMulNBits' uint8 bytes (TensorRT 8.6 offers a
+// plugin FLOAT, HALF and INT32 only; the parser would widen a uint8 initializer byte by byte): B
+// (N, k_blocks, blob / 4), zero points flat (ceil(N * zp_row / 4)). The kernel reads the bytes
+// through a pointer cast; nothing is converted.
 #include "weight_only_gemm_plugin.h"
 
 #include "weight_only_gemm_kernel.h"
@@ -19,13 +23,6 @@ namespace
 int32_t const kSerialFormat = 1;
 size_t const kWorkspaceAlignment = 256; // what the kernel asks of its workspace
 
-bool isByteTensor(nvinfer1::DataType type)
-{
-    // uint8 is what the parser should hand over; int8 (same bytes) is accepted in case a TensorRT
-    // version types the initializer so.
-    return type == nvinfer1::DataType::kUINT8 || type == nvinfer1::DataType::kINT8;
-}
-
 bool validAttributes(WeightOnlyGemmPlugin::Attributes const& a)
 {
     bool const powerOfTwo = a.blockSize >= 16 && (a.blockSize & (a.blockSize - 1)) == 0;
@@ -36,6 +33,18 @@ bool validAttributes(WeightOnlyGemmPlugin::Attributes const& a)
 int64_t kBlocksOf(WeightOnlyGemmPlugin::Attributes const& a)
 {
     return (static_cast<int64_t>(a.k) + a.blockSize - 1) / a.blockSize;
+}
+
+// int32 words of one packed block (blob / 4; blob = block_size * bits / 8 is a multiple of 8).
+int64_t blockWordsOf(WeightOnlyGemmPlugin::Attributes const& a)
+{
+    return static_cast<int64_t>(a.blockSize) * a.bits / 32;
+}
+
+// int32 words of the flat zero points: N rows of ceil(k_blocks * bits / 8) bytes, padded to a word.
+int64_t zeroPointWordsOf(WeightOnlyGemmPlugin::Attributes const& a)
+{
+    return (static_cast<int64_t>(a.n) * ((kBlocksOf(a) * a.bits + 7) / 8) + 3) / 4;
 }
 
 // A known dimension that differs from the expected value (-1: unknown at build time).
@@ -126,7 +135,7 @@ bool WeightOnlyGemmPlugin::supportsFormatCombination(
     bool const isZeroPoints = mAttributes.hasZeroPoints && pos == 3;
     if (pos == 1 || (isZeroPoints && pos < nbInputs))
     {
-        return isByteTensor(desc.type);
+        return desc.type == nvinfer1::DataType::kINT32; // words over the packed bytes
     }
     return desc.type == inOut[0].type; // scales, bias and Y share A's type
 }
@@ -140,18 +149,17 @@ void WeightOnlyGemmPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc con
         return;
     }
     int64_t const kBlocks = kBlocksOf(mAttributes);
-    int64_t const blob = static_cast<int64_t>(mAttributes.blockSize) * mAttributes.bits / 8;
     nvinfer1::Dims const& a = in[0].desc.dims;
     nvinfer1::Dims const& b = in[1].desc.dims;
     nvinfer1::Dims const& scales = in[2].desc.dims;
     bool bad = a.nbDims < 1 || conflicts(a.d[a.nbDims - 1], mAttributes.k);
-    bad = bad || b.nbDims != 3 || conflicts(b.d[0], mAttributes.n) || conflicts(b.d[1], kBlocks) || conflicts(b.d[2], blob);
+    bad = bad || b.nbDims != 3 || conflicts(b.d[0], mAttributes.n) || conflicts(b.d[1], kBlocks)
+        || conflicts(b.d[2], blockWordsOf(mAttributes));
     bad = bad || scales.nbDims != 2 || conflicts(scales.d[0], mAttributes.n) || conflicts(scales.d[1], kBlocks);
     if (mAttributes.hasZeroPoints)
     {
         nvinfer1::Dims const& zp = in[3].desc.dims;
-        bad = bad || zp.nbDims != 2 || conflicts(zp.d[0], mAttributes.n)
-            || conflicts(zp.d[1], (kBlocks * mAttributes.bits + 7) / 8);
+        bad = bad || zp.nbDims != 1 || conflicts(zp.d[0], zeroPointWordsOf(mAttributes));
     }
     if (mAttributes.hasBias)
     {
@@ -160,7 +168,8 @@ void WeightOnlyGemmPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc con
     }
     if (bad)
     {
-        reportError(kName, "input shapes do not match K, N, bits and block_size (MatMulNBits' layout)");
+        reportError(kName, "input shapes do not match K, N, bits and block_size: B int32 (N, k_blocks, blob / 4), "
+                           "scales (N, k_blocks), zero points int32 (ceil(N * zp_row / 4))");
     }
 }
 
@@ -185,9 +194,11 @@ int32_t WeightOnlyGemmPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDes
 {
     nvinfer1::Dims const& a = inputDesc[0].dims;
     int64_t const kBlocks = kBlocksOf(mAttributes);
-    int64_t const blob = static_cast<int64_t>(mAttributes.blockSize) * mAttributes.bits / 8;
-    if (a.nbDims < 1 || a.d[a.nbDims - 1] != mAttributes.k || volume(inputDesc[1].dims) != mAttributes.n * kBlocks * blob
-        || volume(inputDesc[2].dims) != mAttributes.n * kBlocks)
+    bool const zeroPointsOk
+        = !mAttributes.hasZeroPoints || volume(inputDesc[3].dims) == zeroPointWordsOf(mAttributes);
+    if (a.nbDims < 1 || a.d[a.nbDims - 1] != mAttributes.k
+        || volume(inputDesc[1].dims) != mAttributes.n * kBlocks * blockWordsOf(mAttributes)
+        || volume(inputDesc[2].dims) != mAttributes.n * kBlocks || !zeroPointsOk)
     {
         reportError(kName, "input shapes do not match K, N, bits and block_size (MatMulNBits' layout)");
         return 1;
@@ -202,6 +213,7 @@ int32_t WeightOnlyGemmPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDes
         uintptr_t const address = reinterpret_cast<uintptr_t>(workspace);
         aligned = reinterpret_cast<void*>((address + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment);
     }
+    // int32 words -> the bytes they hold (little-endian, as the graph wrote them): a pointer cast.
     uint8_t const* zeroPoints = mAttributes.hasZeroPoints ? static_cast<uint8_t const*>(inputs[3]) : nullptr;
     void const* bias = mAttributes.hasBias ? inputs[nbInputs() - 1] : nullptr;
     qwen3vl_dtype const dtype = inputDesc[0].type == nvinfer1::DataType::kHALF ? QWEN3VL_FLOAT16 : QWEN3VL_FLOAT32;
