@@ -80,9 +80,10 @@ class Pipeline:
     # -- host side -------------------------------------------------------------------------------
 
     def prepare(self, prompts: list, images: list[list] | None = None, min_pixels: int | None = None,
-                max_pixels: int | None = None, allow_special_tokens: bool = False) -> PreparedBatch:
+                max_pixels: int | None = None, allow_special_tokens: bool = False, check=None) -> PreparedBatch:
         """Model input for a batch: one prompt (string or chat) per row, one image list per row.
-        Special-token strings typed in the prompts stay text unless `allow_special_tokens`."""
+        Special-token strings typed in the prompts stay text unless `allow_special_tokens`; `check(lengths,
+        grids)` runs before any image is decoded (runtime.prepare.prepare)."""
         settings = self.manifest.image_processor.with_budget(min_pixels, max_pixels)
         images = images if images is not None else [[] for _ in prompts]
         if len(prompts) > self.max_batch:
@@ -91,7 +92,7 @@ class Pipeline:
             if isinstance(row_images, (list, tuple)) and len(row_images) > self.max_images:
                 raise PromptError(f"{len(row_images)} images for one prompt; the limit is {self.max_images}")
         return prepare(prompts, images, self.prompts, settings, self.manifest.model, self.manifest.model.pad_token_id,
-                       allow_special_tokens)
+                       allow_special_tokens, check)
 
     def sampling(self, do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, seed: int | None = None) -> SamplingConfig:
@@ -121,8 +122,8 @@ class Pipeline:
         logprobs = _check_logprobs(logprobs, self.manifest.model.vocab_size)
         with self._lock:
             timings = Timings()
-            batch = self.prepare(prompts, per_prompt_images, min_pixels, max_pixels, allow_special_tokens)
-            max_new_tokens = self._admit(batch, max_new_tokens)
+            batch, max_new_tokens = self._prepare_admitted(prompts, per_prompt_images, max_new_tokens, min_pixels,
+                                                           max_pixels, allow_special_tokens)
             generated = [[] for _ in prompts]
             scores = [[] for _ in prompts] if logprobs else None
             finished = None
@@ -151,8 +152,8 @@ class Pipeline:
         the text `generate` returns. A character split across tokens comes out once it is whole."""
         sampling = self.sampling(do_sample, temperature, top_p, top_k, seed)
         with self._lock:
-            batch = self.prepare([prompt], [_image_list(images)], min_pixels, max_pixels, allow_special_tokens)
-            max_new_tokens = self._admit(batch, max_new_tokens)
+            batch, max_new_tokens = self._prepare_admitted([prompt], [_image_list(images)], max_new_tokens,
+                                                           min_pixels, max_pixels, allow_special_tokens)
             text = self.prompts.text_stream()
             for step in generate(self.backend, batch, max_new_tokens, sampling, self.manifest.model.eos_token_ids,
                                  0, self.prefill_chunk):
@@ -160,26 +161,32 @@ class Pipeline:
                 if piece:
                     yield piece
 
-    def _admit(self, batch: PreparedBatch, max_new_tokens: int) -> int:
-        """New tokens that fit beside the longest prompt in the engine's context; refuses a request
-        whose memory would not fit before any of it is allocated."""
+    def _prepare_admitted(self, prompts: list, images: list[list], max_new_tokens, min_pixels, max_pixels,
+                          allow_special_tokens: bool) -> tuple[PreparedBatch, int]:
+        """The batch and the new tokens that fit beside its longest prompt in the engine's context. A
+        request whose memory would not fit is refused from the images' headers, before any image is
+        decoded or any buffer allocated."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise PromptError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        longest, context = int(batch.lengths.max()), self.manifest.max_context
-        if longest >= context:
-            raise PromptError(f"the prompt is {longest} tokens; this engine was built for a context of {context} "
-                              f"(rebuild with a larger --max-context, or use a smaller image budget --max-pixels)")
-        max_new_tokens = min(max_new_tokens, context - longest)
-        if getattr(self.backend, "uses_host_memory", True):
-            vision = batch.vision
-            estimate = estimate_request(
-                self.manifest.model, batch.batch, longest, longest + max_new_tokens,
-                np.dtype(self.backend.decoder_dtype).itemsize,
-                [int(np.prod(g)) for g in vision.grid_thw] if vision is not None else [],
-                vision.host.frame_patch_index.shape if vision is not None else None, self.prefill_chunk)
-            admit(estimate, what_to_lower="use a smaller --max-pixels, fewer images, fewer new tokens or a smaller batch")
-        return max_new_tokens
+        budget = {}
 
+        def admit_request(lengths: np.ndarray, grids: np.ndarray | None) -> None:
+            longest, context = int(lengths.max()), self.manifest.max_context
+            if longest >= context:
+                raise PromptError(f"the prompt is {longest} tokens; this engine was built for a context of {context} "
+                                  f"(rebuild with a larger --max-context, or use a smaller image budget --max-pixels)")
+            budget["new_tokens"] = new_tokens = min(max_new_tokens, context - longest)
+            if getattr(self.backend, "uses_host_memory", True):
+                patches = [int(np.prod(g)) for g in grids] if grids is not None else []
+                frames = (int(grids[:, 0].sum()), max(int(h * w) for _, h, w in grids)) if patches else None
+                estimate = estimate_request(self.manifest.model, len(lengths), longest, longest + new_tokens,
+                                            np.dtype(self.backend.decoder_dtype).itemsize, patches, frames,
+                                            self.prefill_chunk)
+                admit(estimate, what_to_lower="use a smaller --max-pixels, fewer images, fewer new tokens or a "
+                                              "smaller batch")
+
+        batch = self.prepare(prompts, images, min_pixels, max_pixels, allow_special_tokens, admit_request)
+        return batch, budget["new_tokens"]
 
 def _image_list(images) -> list:
     """A prompt's images as a list: one image (a path, PIL image or array) alone is not split up."""

@@ -8,14 +8,15 @@ PyTorch reference all call it, so every backend sees the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .backend import DecoderChunk, ImageFeatures, VisionBatch
 from .engine_manifest import ModelFacts
-from .errors import PromptError
-from .image_processing import ImageProcessorSettings, preprocess_images
+from .errors import ImageError, PromptError
+from .image_processing import ImageProcessorSettings, image_grid, preprocess_images
 from .prompt import PromptBuilder, user_message
 from .rope_index import rope_index
 from .vision_positions import vision_inputs
@@ -82,22 +83,33 @@ class PreparedBatch:
 
 
 def prepare(prompts: list, images: list[list], prompt_builder: PromptBuilder, settings: ImageProcessorSettings,
-            model: ModelFacts, pad_token_id: int, allow_special_tokens: bool = False) -> PreparedBatch:
+            model: ModelFacts, pad_token_id: int, allow_special_tokens: bool = False,
+            admit: Callable[[np.ndarray, np.ndarray | None], None] | None = None) -> PreparedBatch:
     """One row per prompt (a string, or a chat as a list of messages), each with its own image list.
-    Special-token strings in the prompts are plain text unless `allow_special_tokens`."""
+    Special-token strings in the prompts are plain text unless `allow_special_tokens`.
+
+    Images are measured from their headers first: the tokens and `admit(lengths, grids)` (context and
+    memory checks) come before any image is decoded, so a request that will be refused costs no pixels."""
     if not prompts:
         raise PromptError("no prompts given")
     if len(images) != len(prompts):
         raise PromptError(f"{len(prompts)} prompts but {len(images)} image lists")
-    ids, texts, processed = [], [], []
+    merge_area = settings.merge_size ** 2
+    ids, texts, rows_images, row_grids = [], [], [], []
     for prompt, row_images in zip(prompts, images):
         messages, row_images = messages_and_images(prompt, list(row_images))
-        row = preprocess_images(row_images, settings) if row_images else None
-        tokens = prompt_builder.encode(messages, row.tokens_per_image if row else [], allow_special_tokens)
+        grids = [image_grid(image, settings) for image in row_images]
+        tokens = prompt_builder.encode(messages, [int(np.prod(g)) // merge_area for g in grids], allow_special_tokens)
         ids.append(tokens.input_ids)
         texts.append(tokens.text)
-        if row is not None:
-            processed.append(row)
+        rows_images.append(row_images)
+        row_grids += grids
+    expected = np.asarray(row_grids, dtype=np.int64).reshape(-1, 3) if row_grids else None
+    if admit is not None:
+        admit(np.array([len(i) for i in ids], dtype=np.int64), expected)
+    processed = [preprocess_images(row_images, settings) for row_images in rows_images if row_images]
+    if processed and not np.array_equal(np.concatenate([p.image_grid_thw for p in processed]), expected):
+        raise ImageError("an image changed size between reading its header and decoding it")
 
     lengths = np.array([len(i) for i in ids], dtype=np.int64)
     input_ids = np.full((len(ids), int(lengths.max())), pad_token_id, dtype=np.int64)

@@ -221,6 +221,27 @@ def test_a_request_that_will_not_fit_is_refused_before_anything_is_allocated(tin
     assert len(allocated) == 1
 
 
+def test_a_refused_request_decodes_no_image(tiny_engine, monkeypatch, tmp_path):
+    """Tokens and memory are counted from the images' headers; pixels come only once admitted."""
+    import runtime.prepare
+
+    decoded = []
+    original = runtime.prepare.preprocess_images
+    monkeypatch.setattr(runtime.prepare, "preprocess_images", lambda *a: decoded.append(a) or original(*a))
+    path = tmp_path / "big.png"
+    random_image(1024, 1024, 3).save(path)
+    pipe = Pipeline.load(tiny_engine("gqa2-tied", max_context=256))
+    with pytest.raises(PromptError, match="context of 256"):
+        pipe.generate("Describe.", images=[path], max_pixels=1024 * 1024, max_new_tokens=2)
+    monkeypatch.setattr(memory_admission, "available_memory_bytes", lambda: 1 << 20)
+    with pytest.raises(OutOfMemoryError):
+        pipe.generate("Describe.", images=[path], max_new_tokens=2)
+    assert not decoded
+    monkeypatch.setattr(memory_admission, "available_memory_bytes", lambda: 16 << 30)
+    pipe.generate("Describe.", images=[path], max_new_tokens=2, do_sample=False)
+    assert len(decoded) == 1
+
+
 def test_the_containers_limit_is_read_from_cgroup_v2_and_v1(tmp_path):
     v2 = tmp_path / "v2"
     (v2 / "app").mkdir(parents=True)
