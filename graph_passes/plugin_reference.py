@@ -359,10 +359,21 @@ class Qwen3VLVisionAttention(OpRun):
         return (vision_attention(q, k, v, frame_patch_index, None, patch_frame_slot, num_heads, head_dim, scale),)
 
 
+class GatherElements(OpRun):
+    """onnx.reference's own GatherElements goes through np.choose, which takes at most 64 choices: it
+    fails on any axis longer than 64 (the decoder picks each row's logits position from S tokens)."""
+
+    op_domain = ""
+
+    def _run(self, data, indices, axis=0):
+        indices = np.where(indices < 0, indices + data.shape[axis], indices)
+        return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
+
+
 PLUGIN_OPS = (Qwen3VLRMSNorm, Qwen3VLAttention, Qwen3VLWeightOnlyGemm, Qwen3VLQuantizedGather, Qwen3VLVisionAttention)
 CONTRIB_OPS = (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, GroupQueryAttention, MatMulNBits,
                GatherBlockQuantized)
-REFERENCE_OPS = PLUGIN_OPS + CONTRIB_OPS
+REFERENCE_OPS = PLUGIN_OPS + CONTRIB_OPS + (GatherElements,)
 
 
 def run_reference(model_path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

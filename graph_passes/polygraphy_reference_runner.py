@@ -17,23 +17,11 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnx import util as onnx_util
 
 from . import plugin_reference
 from .plugin_reference import REFERENCE_OPS
-
-
-class GatherElements(OpRun):
-    """onnx.reference's GatherElements goes through np.choose, which takes at most 64 choices: it fails on
-    any axis longer than 64 (the decoder picks each row's logits position from a prompt of S tokens)."""
-
-    op_domain = ""
-
-    def _run(self, data, indices, axis=0):
-        indices = np.where(indices < 0, indices + data.shape[axis], indices)
-        return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
 
 
 def int8_activations(a: np.ndarray, block_size: int) -> np.ndarray:
@@ -68,7 +56,7 @@ class Qwen3VLWeightOnlyGemm(plugin_reference.Qwen3VLWeightOnlyGemm):
         return super()._run(a, *inputs, block_size=block_size, **attributes)
 
 
-EXTRA_OPS = (GatherElements, MatMulNBits, Qwen3VLWeightOnlyGemm)
+EXTRA_OPS = (MatMulNBits, Qwen3VLWeightOnlyGemm)
 
 
 class PluginReferenceRunner(BaseRunner):

@@ -413,6 +413,16 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
 # ---------------------------------------------------------------- sources
 
 
+_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "JPEG2000", "PCX",
+            "SGI", "QOI", "AVIF", "HEIF")
+
+
+def _raster_formats() -> list[str]:
+    """_FORMATS that this Pillow build opens (plugins vary by build and version)."""
+    Image.init()
+    return [f for f in _FORMATS if f in Image.OPEN]
+
+
 def _open_header(path: str, limit: int) -> Image.Image:
     """Open `path` lazily: the header is read (format, size, metadata), no pixel is decoded."""
     if not os.path.exists(path):
@@ -420,8 +430,9 @@ def _open_header(path: str, limit: int) -> Image.Image:
     if os.path.isdir(path):
         raise ImageError(f"image path is a directory, not a file: {path}")
     try:
-        # Pillow checks its own bomb limit (the host's setting) here, from the header.
-        image = Image.open(path)
+        # Pillow checks its own bomb limit (the host's setting) here, from the header. Only raster
+        # formats Pillow decodes itself: an EPS file (whatever its name) would run Ghostscript.
+        image = Image.open(path, formats=_raster_formats())
     except PermissionError:
         raise ImageError(f"image file is not readable (permission denied): {path}") from None
     except Image.UnidentifiedImageError:

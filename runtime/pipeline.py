@@ -67,7 +67,8 @@ class Pipeline:
     def load(cls, engine_dir: str | Path, backend: str = "auto", threads: int | None = None,
              providers: list[str] | None = None, verify: bool = False) -> "Pipeline":
         """Opens an engine folder built by `qwen3vl build` with one of the runtime's backends ("auto",
-        "ort"); verify=True also checks file hashes. Other backends: `Pipeline(folder, manifest, obj)`."""
+        "trt", "ort"; runtime.backends); verify=True also checks file hashes. Other backends:
+        `Pipeline(folder, manifest, obj)`."""
         from .backends import open_backend
 
         engine_dir = Path(engine_dir)

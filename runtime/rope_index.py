@@ -39,7 +39,7 @@ def rope_index(
     """Position ids (3, B, S) int64 and rope deltas (B, 1) int64 for a (possibly left-padded) batch.
 
     Images are taken from ``image_grid_thw`` in order across the whole batch (row 0's images first).
-    ``rope_delta = max_position + 1 - number_of_unmasked_tokens`` per row; see ``decode_position_ids``.
+    ``rope_delta = max_position + 1 - number_of_unmasked_tokens`` per row: a decode step's position is (tokens in the cache) + delta.
     """
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
@@ -104,30 +104,3 @@ def rope_index(
         deltas[b, 0] = int(positions.max()) + 1 - n
     return position_ids, deltas
 
-
-def decode_position_ids(
-    cache_len: int | np.ndarray,
-    rope_deltas: np.ndarray,
-    batch: int | None = None,
-    num_padding: int | np.ndarray = 0,
-) -> np.ndarray:
-    """(3, B, 1) int64 position of the next token: ``cache_len - num_padding + rope_delta`` on all axes.
-
-    ``cache_len`` counts every token already in the KV cache, padding included. transformers' generate
-    gives the next token the last prompt position + 1 (+ steps so far), which for a prompt ending in text
-    is ``(unmasked tokens so far) + rope_delta`` -- i.e. left padding does not count. So for a left-padded
-    row pass its number of padding tokens as ``num_padding``; with no padding this is simply
-    ``cache_len + rope_delta``. ``batch`` repeats the deltas when the batch was expanded (beams,
-    num_return_sequences), as transformers does.
-    """
-    deltas = np.asarray(rope_deltas, dtype=np.int64).reshape(-1)
-    if batch is None:
-        batch = deltas.shape[0]
-    if batch != deltas.shape[0]:
-        if deltas.shape[0] == 0 or batch % deltas.shape[0]:
-            raise PromptError(f"batch size {batch} is not a multiple of the {deltas.shape[0]} rope deltas")
-        deltas = np.repeat(deltas, batch // deltas.shape[0])
-    steps = np.broadcast_to(np.asarray(cache_len, dtype=np.int64), (batch,))
-    pads = np.broadcast_to(np.asarray(num_padding, dtype=np.int64), (batch,))
-    positions = steps - pads + deltas
-    return np.broadcast_to(positions[None, :, None], (3, batch, 1)).copy()

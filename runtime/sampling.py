@@ -47,7 +47,18 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def top_logprobs(logits: np.ndarray, k: int) -> list[list[dict]]:
     """Per row, the k most likely tokens as {"token_id", "logprob"}, most likely first."""
     logprobs = log_softmax(logits)
-    top = np.argsort(-logprobs, axis=-1, kind="stable")[:, :k]
+    if k < logprobs.shape[-1]:
+        # The k largest without sorting the vocabulary (a full sort is ~75 ms a step for 152k logits),
+        # then in order, ties by id as a stable sort would give.
+        candidates = np.argpartition(-logprobs, k - 1, axis=-1)[:, :k]
+        values = np.take_along_axis(logprobs, candidates, axis=-1)
+        cut = values.min(axis=-1, keepdims=True)
+        top = []
+        for row, threshold in zip(logprobs, cut[:, 0]):
+            ids = np.flatnonzero(row >= threshold)  # every token tied at the cut, in id order
+            top.append(ids[np.argsort(-row[ids], kind="stable")][:k])
+    else:
+        top = np.argsort(-logprobs, axis=-1, kind="stable")[:, :k]
     return [[{"token_id": int(t), "logprob": float(row[t])} for t in ids] for row, ids in zip(logprobs, top)]
 
 

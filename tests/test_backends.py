@@ -39,8 +39,10 @@ def test_tensorrt_graphs_on_the_reference_backend_equal_onnx_runtime(tiny_engine
     manifest = load_manifest(engine)
     reference = Pipeline(engine, manifest, ReferenceBackend(engine, manifest))
     ort = Pipeline.load(engine, backend="ort")
-    prompts = ["Describe this image.", "Hi"]
-    images = [[random_image(64, 96, seed=1)], []]
+    # The third row is over 64 tokens (onnx.reference's own GatherElements stops at 64).
+    prompts = ["Describe this image.", "Hi", " ".join(["Tell me everything about the harbour at dawn."] * 8)]
+    images = [[random_image(64, 96, seed=1)], [], []]
+    assert reference.prepare(prompts, images).longest > 64
     got = reference.generate(prompts, images=images, max_new_tokens=8, **GREEDY)
     expected = ort.generate(prompts, images=images, max_new_tokens=8, **GREEDY)
     for a, b in zip(got, expected):

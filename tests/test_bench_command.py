@@ -103,13 +103,24 @@ def test_missing_checkpoint_and_bad_image_are_one_line_errors(tiny, tmp_path):
 
 
 def test_failure_inside_the_child_becomes_a_one_line_error(tiny, tmp_path):
-    """A graph with the right size but garbage content passes the parent's checks; the child's
-    ONNX Runtime refuses it and the parent must report that as the engine's own error."""
+    """A well-formed graph that ONNX Runtime cannot run (an operator nobody implements) passes the
+    parent's checks; the child's ONNX Runtime refuses it and the parent must report that as the
+    engine's own error."""
+    import onnx
+    from onnx import TensorProto, helper
+
     _, engine = tiny
     broken = tmp_path / "engine"
     shutil.copytree(engine, broken)
     vision = broken / "vision.onnx"
-    vision.write_bytes(b"\0" * vision.stat().st_size)
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"], domain="nowhere")], "broken",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("nowhere", 1)]), str(vision))
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["sizes"]["vision.onnx"] = vision.stat().st_size
+    (broken / "manifest.json").write_text(json.dumps(manifest))
     assert "ONNX Runtime could not load the engine" in one_line_error(bench("--engine", str(broken)))
 
 

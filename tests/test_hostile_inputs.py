@@ -343,3 +343,15 @@ def test_unwritable_output_is_one_line(tiny_checkpoints, tmp_path):
         locked.mkdir(mode=0o500)
         proc = run_cli("build", "--checkpoint", str(tiny_checkpoints["gqa2-tied"]), "--out", str(locked / "engine"))
     assert_one_line_error(proc)
+
+
+def test_a_postscript_file_posing_as_an_image_is_refused_without_running_anything(tmp_path):
+    """Pillow would hand an EPS file (whatever its name) to Ghostscript; only raster formats are opened."""
+    from runtime.errors import ImageError
+    from runtime.image_processing import image_size, load_image
+
+    path = tmp_path / "photo.png"
+    path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    for read in (load_image, image_size):
+        with pytest.raises(ImageError, match="not an image file"):
+            read(path)

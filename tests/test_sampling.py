@@ -181,3 +181,17 @@ def test_same_seed_same_tokens():
 def test_greedy_takes_the_largest_logit_per_row():
     rows = np.stack([LOGITS, -LOGITS])
     assert next_tokens(rows, SamplingConfig(), np.random.default_rng(0)).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_top_logprobs_are_the_k_largest_in_order_with_ties_by_id(k):
+    from runtime.sampling import log_softmax, top_logprobs
+
+    logits = np.random.default_rng(3).standard_normal((3, 5000)).astype(np.float32)
+    logits[1, 100:140] = 6.0  # a tie wider than k at the top
+    logits[2, [7, 3, 9]] = 8.0
+    expected = np.argsort(-log_softmax(logits), axis=-1, kind="stable")[:, :k]
+    got = top_logprobs(logits, k)
+    assert [[entry["token_id"] for entry in row] for row in got] == expected.tolist()
+    for row, lp in zip(got, log_softmax(logits)):
+        assert all(abs(entry["logprob"] - lp[entry["token_id"]]) < 1e-6 for entry in row)
