@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -65,3 +68,18 @@ def load_transformers_model(folder):
         folder, dtype=torch.float32, output_loading_info=True
     )
     return model.eval(), info
+
+
+def qwen3vl(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """The command line as a user runs it, in a process of its own."""
+    return subprocess.run([sys.executable, "-m", "commands", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """The promise for bad input: exit status 1 and one line on stderr starting with `error:`."""
+    assert result.returncode == 1, result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message, result.stderr
+    for fragment in fragments:
+        assert fragment in message, message

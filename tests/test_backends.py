@@ -5,13 +5,10 @@ execution providers, sampling defaults and the manifest's token ids."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 
-from conftest import random_image
+from conftest import qwen3vl, random_image
 from graph_passes.reference_backend import ReferenceBackend
 from model_src.torch_backend import checkpoint_pipeline
 from runtime import Pipeline
@@ -120,33 +117,29 @@ def test_onnx_runtime_providers_are_passed_through_and_a_missing_one_is_refused(
         OrtBackend(engine, manifest, providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "commands", *args], capture_output=True, text=True, timeout=600)
-
-
 def test_cli_backends_agree_and_auto_names_its_choice(tiny_checkpoints, tiny_engine, tmp_path):
     image = tmp_path / "im.png"
     random_image(64, 64, seed=8).save(image)
     common = ["--image", str(image), "--prompt", "Describe.", "--max-new-tokens", "5", "--greedy", "--json",
               "--logprobs", "2"]
-    auto = run_cli("run", "--engine", str(tiny_engine("gqa2-tied", backend="trt")), *common)
+    auto = qwen3vl("run", "--engine", str(tiny_engine("gqa2-tied", backend="trt")), *common)
     assert auto.returncode == 0, auto.stderr
     # One line per backend passed over (no GPU here: TensorRT, ONNX Runtime CUDA), then the choice.
     assert auto.stderr.strip().splitlines()[-1] == "backend: onnxruntime-cpu (auto)"
     answers = {"auto": json.loads(auto.stdout)}
     for name, source in (("reference", ["--engine", str(tiny_engine("gqa2-tied", backend="trt"))]),
                          ("torch", ["--checkpoint", str(tiny_checkpoints["gqa2-tied"])])):
-        proc = run_cli("run", *source, "--backend", name, *common)
+        proc = qwen3vl("run", *source, "--backend", name, *common)
         assert proc.returncode == 0, proc.stderr
         answers[name] = json.loads(proc.stdout)
         assert answers[name]["timings"]["backend"] != answers["auto"]["timings"]["backend"]
     assert answers["auto"]["token_ids"] == answers["reference"]["token_ids"] == answers["torch"]["token_ids"]
     assert len(answers["torch"]["logprobs"]) == len(answers["torch"]["token_ids"])
 
-    bad = run_cli("run", "--engine", str(tiny_engine("gqa2-tied")), "--backend", "ort",
+    bad = qwen3vl("run", "--engine", str(tiny_engine("gqa2-tied")), "--backend", "ort",
                   "--providers", "NoSuchExecutionProvider", *common)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
-    wrong = run_cli("run", "--engine", str(tiny_engine("gqa2-tied")), "--backend", "torch", *common)
+    wrong = qwen3vl("run", "--engine", str(tiny_engine("gqa2-tied")), "--backend", "torch", *common)
     assert wrong.returncode == 1 and "--checkpoint" in wrong.stderr
 
 

@@ -9,13 +9,12 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import assert_one_line_error, qwen3vl
 import export.build_engine as build_module
 from export.build_engine import build_engine
 from runtime.errors import Qwen3VLError
@@ -58,19 +57,6 @@ def assert_complete(engine: Path) -> None:
     manifest = json.loads((engine / "manifest.json").read_text())
     assert manifest["hashes"] and all(hashlib.sha256((engine / name).read_bytes()).hexdigest() == digest
                                       for name, digest in manifest["hashes"].items())
-
-
-def qwen3vl(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "commands", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 1, result.stderr
-    message = result.stderr.strip()
-    assert message.startswith("error: ") and "\n" not in message, result.stderr
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def test_rebuilding_over_an_engine_replaces_it_and_leaves_nothing_beside_it(engine, checkpoint):

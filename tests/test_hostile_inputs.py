@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import random_image
+from conftest import assert_one_line_error, qwen3vl, random_image
 from runtime import Pipeline
 from runtime import memory_admission
 from runtime.engine_manifest import EngineError, load_manifest
@@ -127,7 +127,7 @@ def test_verify_refuses_files_without_hashes(engine_copy):
 ])
 def test_a_malformed_manifest_is_one_line(engine_copy, edit):
     edit_manifest(engine_copy, edit)
-    proc = run_cli("run", "--engine", str(engine_copy), "--prompt", "hi", "--max-new-tokens", "1", "--greedy")
+    proc = qwen3vl("run", "--engine", str(engine_copy), "--prompt", "hi", "--max-new-tokens", "1", "--greedy")
     assert_one_line_error(proc, "manifest")
 
 
@@ -301,19 +301,6 @@ def test_threads_sharing_a_pipeline_get_the_tokens_of_sequential_calls(tiny_engi
 
 # -- the command line -----------------------------------------------------------------------------
 
-def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "commands", *args], capture_output=True, text=True, timeout=300,
-                          **kwargs)
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 1, proc.stderr
-    message = proc.stderr.strip()
-    assert message.startswith("error: ") and "\n" not in message, proc.stderr
-    for fragment in fragments:
-        assert fragment in message, message
-
-
 @pytest.mark.parametrize("flags, fragment", [
     (["--temperature", "nan"], "temperature"),
     (["--seed", "-1", "--temperature", "0.5"], "seed"),
@@ -321,7 +308,7 @@ def assert_one_line_error(proc, *fragments):
     (["--max-new-tokens", "0"], "max_new_tokens"),
 ])
 def test_bad_cli_parameters_are_one_line(tiny_engine, flags, fragment):
-    proc = run_cli("run", "--engine", str(tiny_engine("gqa2-tied")), "--prompt", "hi", *flags)
+    proc = qwen3vl("run", "--engine", str(tiny_engine("gqa2-tied")), "--prompt", "hi", *flags)
     assert_one_line_error(proc, fragment)
 
 
@@ -337,11 +324,11 @@ def test_unwritable_output_is_one_line(tiny_checkpoints, tmp_path):
         # root ignores permission bits: point the build at a path under a regular file instead
         target = tmp_path / "file"
         target.write_text("x")
-        proc = run_cli("build", "--checkpoint", str(tiny_checkpoints["gqa2-tied"]), "--out", str(target / "engine"))
+        proc = qwen3vl("build", "--checkpoint", str(tiny_checkpoints["gqa2-tied"]), "--out", str(target / "engine"))
     else:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        proc = run_cli("build", "--checkpoint", str(tiny_checkpoints["gqa2-tied"]), "--out", str(locked / "engine"))
+        proc = qwen3vl("build", "--checkpoint", str(tiny_checkpoints["gqa2-tied"]), "--out", str(locked / "engine"))
     assert_one_line_error(proc)
 
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 
+from conftest import qwen3vl
 from runtime.engine_manifest import ModelFacts, load_manifest
 from runtime.errors import Qwen3VLError
 from runtime.memory_plan import (GiB, KiB, MiB, TARGET_IMAGE_PIXELS, EngineFacts, parse_size, plan_memory,
@@ -124,10 +123,6 @@ def test_bad_memory_size_is_refused():
         parse_size("two gigs")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "commands", *args], capture_output=True, text=True, timeout=300)
-
-
 def test_facts_come_from_an_engine_folder(tiny_engine):
     engine = tiny_engine("gqa2-tied", backend="trt")
     manifest = load_manifest(engine)
@@ -140,15 +135,15 @@ def test_facts_come_from_an_engine_folder(tiny_engine):
 
 def test_plan_command(tiny_engine):
     engine = str(tiny_engine("gqa2-tied", backend="trt"))
-    text = run_cli("plan", "--engine", engine, "--gpu-memory", "2GiB")
+    text = qwen3vl("plan", "--engine", engine, "--gpu-memory", "2GiB")
     assert text.returncode == 0, text.stderr
     assert "fits:" in text.stdout and "decisions:" in text.stdout and "KV cache by context" in text.stdout
-    out = run_cli("plan", "--engine", engine, "--gpu-memory", "2GiB", "--context", "1024", "--kv-dtype", "fp16",
+    out = qwen3vl("plan", "--engine", engine, "--gpu-memory", "2GiB", "--context", "1024", "--kv-dtype", "fp16",
                   "--json")
     body = json.loads(out.stdout)
     assert out.returncode == 0 and body["fits"] and body["context"] == 1024 and body["kv_dtype"] == "fp16"
     assert body["total"] == sum(item["bytes"] for item in body["items"])
-    small = run_cli("plan", "--engine", engine, "--gpu-memory", "100MiB")
+    small = qwen3vl("plan", "--engine", engine, "--gpu-memory", "100MiB")
     assert small.returncode == 1 and "does not fit" in small.stdout
-    bad = run_cli("plan", "--engine", engine, "--gpu-memory", "lots")
+    bad = qwen3vl("plan", "--engine", engine, "--gpu-memory", "lots")
     assert bad.returncode == 1 and bad.stderr.startswith("error: not a memory size")

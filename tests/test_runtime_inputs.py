@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import assert_one_line_error, qwen3vl
 from model_src.synthetic_checkpoint import write_preset
 
 MAX_CONTEXT = 256
@@ -20,19 +21,6 @@ MAX_CONTEXT = 256
 @pytest.fixture(scope="module")
 def engine(tiny_engine):
     return tiny_engine("gqa2-tied", max_context=MAX_CONTEXT)
-
-
-def qwen3vl(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "commands", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    message = result.stderr.strip()
-    assert message.startswith("error: ") and "\n" not in message, result.stderr
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def run_engine(engine, *args):
