@@ -342,3 +342,30 @@ def test_a_postscript_file_posing_as_an_image_is_refused_without_running_anythin
     for read in (load_image, image_size):
         with pytest.raises(ImageError, match="not an image file"):
             read(path)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{not json", "not valid JSON"),
+    ('{"eos_token_id": "im_end"}', "eos_token_id"),
+    ('{"eos_token_id": 151645, "temperature": "hot"}', "temperature"),
+])
+def test_a_malformed_generation_config_is_one_line_before_any_export(tiny_checkpoints, tmp_path, content, fragment):
+    checkpoint = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoints["gqa2-tied"], checkpoint)
+    (checkpoint / "generation_config.json").write_text(content)
+    proc = qwen3vl("build", "--checkpoint", checkpoint, "--out", tmp_path / "engine")
+    assert_one_line_error(proc, "generation_config.json", fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_without_generation_config_generation_is_greedy_and_ends_at_the_configs_eos(tiny_checkpoints, tmp_path):
+    from model_src.checkpoint_settings import generation_settings
+
+    checkpoint = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoints["gqa2-tied"], checkpoint)
+    (checkpoint / "generation_config.json").unlink()
+    settings = generation_settings(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    eos = config.get("eos_token_id", config["text_config"].get("eos_token_id"))
+    assert settings.eos_token_ids == (tuple(eos) if isinstance(eos, list) else (eos,))
+    assert settings.defaults == {} and settings.pad_token_id == settings.eos_token_ids[0]
