@@ -8,9 +8,9 @@ import sys
 
 from runtime.errors import Qwen3VLError
 
-from . import bench, build, compare, plan, run, synth
+from . import bench, build, compare, plan, run, serve, synth
 
-SUBCOMMANDS = (synth, build, run, bench, plan, compare)
+SUBCOMMANDS = (synth, build, run, bench, plan, compare, serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .backend import Backend, ImageFeatures, KVCache
 from .prepare import PreparedBatch
-from .sampling import SamplingConfig, next_tokens, top_logprobs
+from .sampling import SamplingConfig, log_softmax, next_tokens, next_tokens_per_row, top_logprobs
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Step:
     active: np.ndarray  # (B,) bool: rows that took this token
     finished: np.ndarray  # (B,) bool: rows that have now produced an end-of-turn token
     logprobs: list[list[dict]] | None  # per row, the top-k alternatives of this step
+    token_logprobs: np.ndarray | None = None  # (B,) log-probability of each row's token (with logprobs)
 
 
 @dataclass
@@ -66,26 +67,32 @@ def decode_one_token(backend: Backend, cache: KVCache, batch: PreparedBatch, tok
 
 
 def decode_n_tokens(backend: Backend, cache: KVCache, batch: PreparedBatch, logits: np.ndarray, n: int,
-                    sampling: SamplingConfig, eos_token_ids: tuple[int, ...], logprobs: int = 0,
-                    rng: np.random.Generator | None = None) -> Iterator[Step]:
-    """Up to n steps from the prefill's logits; stops early once every row has ended its turn."""
-    rng = rng if rng is not None else np.random.default_rng(sampling.seed)
+                    sampling: SamplingConfig | list[SamplingConfig], eos_token_ids: tuple[int, ...],
+                    logprobs: int = 0, rng: np.random.Generator | None = None) -> Iterator[Step]:
+    """Up to n steps from the prefill's logits; stops early once every row has ended its turn.
+    `sampling` is one config for every row, or a list: one config (and generator from its seed) per row."""
+    per_row = isinstance(sampling, (list, tuple))
+    if per_row:
+        rngs = [np.random.default_rng(config.seed) for config in sampling]
+    else:
+        rng = rng if rng is not None else np.random.default_rng(sampling.seed)
     finished = np.zeros(batch.batch, dtype=bool)
     past_lengths = batch.lengths.copy()
     eos = np.asarray(eos_token_ids, dtype=np.int64)
     for step in range(n):
-        tokens = next_tokens(logits, sampling, rng)
+        tokens = next_tokens_per_row(logits, sampling, rngs) if per_row else next_tokens(logits, sampling, rng)
         active = ~finished
         top = top_logprobs(logits, logprobs) if logprobs else None
+        chosen = log_softmax(logits)[np.arange(len(tokens)), tokens] if logprobs else None
         finished = finished | (active & np.isin(tokens, eos))
-        yield Step(tokens, active, finished.copy(), top)
+        yield Step(tokens, active, finished.copy(), top, chosen)
         if finished.all() or step == n - 1:
             return
         logits = decode_one_token(backend, cache, batch, tokens, past_lengths)
         past_lengths = past_lengths + 1
 
 
-def generate(backend: Backend, batch: PreparedBatch, max_new_tokens: int, sampling: SamplingConfig,
+def generate(backend: Backend, batch: PreparedBatch, max_new_tokens: int, sampling: SamplingConfig | list[SamplingConfig],
              eos_token_ids: tuple[int, ...], logprobs: int = 0, prefill_chunk: int | None = None,
              timings: Timings | None = None) -> Iterator[Step]:
     """Vision, prefill and decoding of one batch; `timings` (if given) is filled in as it goes."""

@@ -162,6 +162,18 @@ class Pipeline:
                 if piece:
                     yield piece
 
+    def steps(self, prompts: list, images: list[list], max_new_tokens: int, sampling: list[SamplingConfig],
+              logprobs: int = 0, timings: Timings | None = None) -> Iterator:
+        """A batch with one sampling config per row, step by step (for servers that stream and batch):
+        yields the rows' prompt lengths first, then one runtime.generate.Step per decode step. Holds
+        the lock until exhausted or closed."""
+        logprobs = _check_logprobs(logprobs, self.manifest.model.vocab_size)
+        with self._lock:
+            batch, max_new_tokens = self._prepare_admitted(prompts, images, max_new_tokens, None, None, False)
+            yield batch.lengths.copy()
+            yield from generate(self.backend, batch, max_new_tokens, list(sampling), self.manifest.model.eos_token_ids,
+                                logprobs, self.prefill_chunk, timings)
+
     def _prepare_admitted(self, prompts: list, images: list[list], max_new_tokens, min_pixels, max_pixels,
                           allow_special_tokens: bool) -> tuple[PreparedBatch, int]:
         """The batch and the new tokens that fit beside its longest prompt in the engine's context. A

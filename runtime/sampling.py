@@ -85,3 +85,11 @@ def next_tokens(logits: np.ndarray, config: SamplingConfig, rng: np.random.Gener
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
         choices.append(order[rng.choice(len(order), p=probs)])
     return np.asarray(choices, dtype=np.int64)
+
+
+def next_tokens_per_row(logits: np.ndarray, configs: list[SamplingConfig],
+                        rngs: list[np.random.Generator]) -> np.ndarray:
+    """(B, vocab) logits -> (B,) token ids, row r with its own settings and generator: a seeded row
+    draws the same tokens alone or in any batch, and a greedy row takes its argmax as in `next_tokens`."""
+    return np.asarray([next_tokens(logits[r:r + 1], config, rng)[0]
+                       for r, (config, rng) in enumerate(zip(configs, rngs))], dtype=np.int64)
