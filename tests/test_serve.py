@@ -257,3 +257,88 @@ def test_per_row_sampling_draws_what_each_row_draws_alone():
     alone = [[int(next_tokens(logits[r:r + 1], c, np.random.default_rng(c.seed))[0])] for r, c in enumerate(configs)]
     assert next_tokens_per_row(logits, configs, rngs).tolist() == [a[0] for a in alone]
     assert alone[1][0] == int(logits[1].argmax())  # the greedy row keeps its argmax
+
+
+def test_health_is_503_until_the_engine_is_loaded_and_local_images_stay_in_their_folder(pipe, tmp_path):
+    loaded = threading.Event()
+
+    def loader():
+        loaded.wait(30)
+        return pipe
+
+    import uvicorn
+
+    from serve import ServerConfig, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = random_image(40, 40, seed=4)
+    image.save(folder / "a.png")
+    (tmp_path / "outside.png").write_bytes((folder / "a.png").read_bytes())
+    app = create_app(config=ServerConfig(allow_local_images=str(folder)), loader=loader)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        assert httpx.get(url + "/health").status_code == 503
+        early = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+        assert early.status_code == 503 and early.headers["Retry-After"]
+        loaded.set()
+        for _ in range(200):
+            if httpx.get(url + "/health").status_code == 200:
+                break
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+        def ask(path):
+            return client.chat.completions.create(model="qwen3vl", max_tokens=4, temperature=0, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": path}},
+                                             {"type": "text", "text": "What is it?"}]}])
+
+        expected = pipe.generate(runtime_chat(image, "What is it?"), max_new_tokens=4, do_sample=False)
+        assert ask("a.png").choices[0].message.content == expected.text
+        for path in ("../outside.png", str(tmp_path / "outside.png")):
+            with pytest.raises(openai.BadRequestError):
+                ask(path)
+    finally:
+        loaded.set()
+        server.should_exit = True
+        thread.join(10)
+        app.state.batcher().close()
+
+
+def test_serve_command_answers_over_http(tiny_engine):
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "commands", "serve", "--engine", str(tiny_engine("gqa2-tied")),
+                                "--port", str(port), "--backend", "ort", "--threads", "1", "--api-key", KEY],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="qwen3vl", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=3, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+    finally:
+        process.terminate()
+        process.wait(20)
