@@ -334,15 +334,19 @@ def create_app(pipeline=None, config: ServerConfig | None = None, loader=None):
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         try:
-            text = []
+            text, checked = [], time.monotonic()
             while True:
                 try:
                     kind, payload = await asyncio.wait_for(events.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    kind = None
+                if time.monotonic() - checked > 0.25:  # tokens may arrive faster than any timeout
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         job.cancelled.set()
                         metrics.error("client_disconnected")
                         return PlainTextResponse("", status_code=499)
+                if kind is None:
                     continue
                 if kind == "text":
                     text.append(payload)

@@ -342,3 +342,38 @@ def test_serve_command_answers_over_http(tiny_engine):
     finally:
         process.terminate()
         process.wait(20)
+
+
+def test_a_bad_row_in_a_batch_fails_alone(server, pipe):
+    good = pipe.generate([{"role": "user", "content": PROMPT}], max_new_tokens=6, do_sample=False)
+    thin = random_image(2, 600, seed=1)  # an aspect ratio over 200:1: refused when the batch is prepared
+
+    def ask(messages):
+        try:
+            return server.client().chat.completions.create(model="qwen3vl", messages=messages, max_tokens=6,
+                                                           temperature=0)
+        except openai.APIStatusError as exc:
+            return exc
+
+    with ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(ask, image_chat(thin, "What?"))
+        ok = pool.submit(ask, [{"role": "user", "content": PROMPT}])
+        bad, ok = bad.result(), ok.result()
+    assert isinstance(bad, openai.BadRequestError) and "aspect ratio" in bad.response.json()["error"]["message"]
+    assert ok.choices[0].message.content == good.text
+
+
+def test_a_non_streaming_client_that_hangs_up_cancels_its_generation(pipe):
+    live = LiveServer(pipe, max_batch=1, max_queue=4, batch_window_s=0.0)
+    try:
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4000, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+        for _ in range(100):
+            if live.app.state.batcher().running == 0:
+                break
+            time.sleep(0.05)
+        assert live.app.state.batcher().running == 0
+        assert 'kind="client_disconnected"' in httpx.get(live.url + "/metrics").text
+    finally:
+        live.stop()
