@@ -377,3 +377,13 @@ def test_a_non_streaming_client_that_hangs_up_cancels_its_generation(pipe):
         assert 'kind="client_disconnected"' in httpx.get(live.url + "/metrics").text
     finally:
         live.stop()
+
+
+def test_load_script_reports_every_concurrency(server):
+    from serve.load_test import run
+
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0, "stream": True}
+    rows = [run(server.url, 4, c, body, {"Authorization": f"Bearer {KEY}"}) for c in (1, 4)]
+    for row in rows:
+        assert row["errors"] == 0 and row["requests_per_s"] > 0 and row["tokens_per_s"] > 0
+        assert 0 < row["ttft_p50_s"] <= row["latency_p95_s"]
