@@ -126,9 +126,10 @@ class Batcher:
         timings = Timings()
         streams = [self.pipeline.prompts.text_stream() for _ in jobs]
         holdback = [max((len(s) for s in job.stop), default=1) - 1 for job in jobs]
+        # with logprobs, at least one alternative: the step then carries each row's own token logprob
+        top_k = max(1, *(j.logprobs for j in jobs)) if any(j.want_logprobs for j in jobs) else 0
         steps = self.pipeline.steps([job.chat for job in jobs], [[] for _ in jobs], max(j.max_tokens for j in jobs),
-                                    [job.sampling for job in jobs], max((j.logprobs for j in jobs), default=0) if any(
-                                        j.want_logprobs for j in jobs) else 0, timings)
+                                    [job.sampling for job in jobs], top_k, timings)
         try:
             lengths = next(steps)
             count = 0

@@ -121,6 +121,11 @@ def test_stop_strings_and_logprobs(server, pipe):
                                            max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
     content = reply.choices[0].logprobs.content
     assert len(content) == 4
+    bare = client.chat.completions.create(model="qwen3vl", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=2, temperature=0, logprobs=True)
+    assert [i.logprob for i in bare.choices[0].logprobs.content] == pytest.approx(
+        [a[0]["logprob"] for a in expected.logprobs[:2]], abs=1e-5)
+    assert bare.choices[0].logprobs.content[0].top_logprobs == []
     for item, alternatives in zip(content, expected.logprobs):
         assert item.logprob == pytest.approx(alternatives[0]["logprob"], abs=1e-5)  # greedy: the top token
         assert [a.logprob for a in item.top_logprobs] == pytest.approx([a["logprob"] for a in alternatives], abs=1e-5)
