@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model-name", default="qwen3vl", help="the model id /v1/models lists")
     parser.add_argument("--allow-local-images", metavar="DIR", help="accept image paths, confined to DIR")
     parser.add_argument("--allow-remote-images", action="store_true",
-                        help="reserved: remote fetching is not implemented; http(s) image URLs are refused")
+                        help="fetch http(s) image URLs (off by default: the server would fetch what clients name)")
     parser.set_defaults(handler=serve)
 
 

@@ -106,8 +106,10 @@ def load_image(url: str, config: ServerConfig) -> Image.Image:
             raise ApiError(400, "an image data URL is not valid base64", param="messages", code="invalid_image")
         source = io.BytesIO(raw)
     elif url.startswith(("http://", "https://")):
-        raise ApiError(400, "remote image URLs are not fetched by this server (send a base64 data: URL)",
-                       param="messages", code="invalid_image")
+        if not config.allow_remote_images:
+            raise ApiError(400, "remote image URLs are not fetched by this server (send a base64 data: URL, or "
+                                "start it with --allow-remote-images)", param="messages", code="invalid_image")
+        source = io.BytesIO(fetch_image(url, config.max_image_bytes))
     else:
         path = url[len("file://"):] if url.startswith("file://") else url
         if not config.allow_local_images:
@@ -128,6 +130,23 @@ def load_image(url: str, config: ServerConfig) -> Image.Image:
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ApiError(400, f"an image could not be read ({type(exc).__name__})", param="messages",
                        code="invalid_image")
+
+
+def fetch_image(url: str, limit: int) -> bytes:
+    """An image over http(s) (--allow-remote-images only), at most `limit` bytes, 10 s per read."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "qwen3vl-serve"}),
+                                    timeout=10) as response:
+            data = response.read(limit + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ApiError(400, f"the image at {url!r} could not be fetched ({type(exc).__name__})", param="messages",
+                       code="invalid_image")
+    if len(data) > limit:
+        raise ApiError(413, f"an image is over the {limit}-byte limit", param="messages", code="image_too_large")
+    return data
 
 
 def parse_messages(messages, config: ServerConfig) -> list:

@@ -176,7 +176,7 @@ def test_models_health_and_metrics(server):
     ("n=2", 400, "n=1"),
     ("temperature", 400, "temperature"),
     ("not an image", 400, "image"),
-    ("remote url", 400, "remote"),
+    ("remote url", 400, "--allow-remote-images"),
     ("local path", 400, "local image paths"),
     ("bad part", 400, "unsupported content part"),
     ("over context", 413, "context"),
@@ -392,3 +392,32 @@ def test_load_script_reports_every_concurrency(server):
     for row in rows:
         assert row["errors"] == 0 and row["requests_per_s"] > 0 and row["tokens_per_s"] > 0
         assert 0 < row["ttft_p50_s"] <= row["latency_p95_s"]
+
+
+def test_remote_images_only_with_allow_remote_images(pipe, tmp_path):
+    import functools
+    import http.server
+
+    image = random_image(40, 56, seed=6)
+    image.save(tmp_path / "remote.png")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    live = LiveServer(pipe, allow_remote_images=True)
+    try:
+        url = f"http://127.0.0.1:{files.server_address[1]}/remote.png"
+        expected = pipe.generate(runtime_chat(image, "What?"), max_new_tokens=4, do_sample=False)
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": "What?"}]}]
+        reply = live.client().chat.completions.create(model="qwen3vl", messages=messages, max_tokens=4, temperature=0)
+        assert reply.choices[0].message.content == expected.text
+        messages[0]["content"][0]["image_url"]["url"] = url.replace("remote.png", "missing.png")
+        with pytest.raises(openai.BadRequestError, match="could not be fetched"):
+            live.client().chat.completions.create(model="qwen3vl", messages=messages, max_tokens=4)
+    finally:
+        live.stop()
+        files.shutdown()
