@@ -19,6 +19,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--allow-local-images", metavar="DIR", help="accept image paths, confined to DIR")
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="fetch http(s) image URLs (off by default: the server would fetch what clients name)")
+    parser.add_argument("--ray", action="store_true",
+                        help="run as a Ray Serve deployment (needs ray[serve]; joins a running cluster or starts one)")
+    parser.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas behind one endpoint")
     parser.set_defaults(handler=serve)
 
 
@@ -38,8 +41,37 @@ def serve(args) -> int:
     config = ServerConfig(model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
                           max_queue=args.max_queue, allow_local_images=args.allow_local_images,
                           allow_remote_images=args.allow_remote_images)
+    if args.ray:
+        return serve_on_ray(args)
     app = create_app(config=config, loader=lambda: Pipeline.load(args.engine, backend=args.backend,
                                                                    threads=args.threads))
     print(f"serving {args.engine} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def serve_on_ray(args) -> int:
+    import time
+
+    from runtime.errors import Qwen3VLError
+
+    try:
+        from ray import serve as ray_serve
+
+        from serve.ray_app import deployment
+    except ImportError as exc:
+        raise Qwen3VLError(f"--ray needs Ray Serve: pip install -e '.[ray]' ({exc})") from None
+    if args.replicas < 1:
+        raise Qwen3VLError("--replicas must be at least 1")
+    options = {"api_key": args.api_key, "model_name": args.model_name, "max_batch": args.max_batch,
+               "max_queue": args.max_queue, "allow_local_images": args.allow_local_images,
+               "allow_remote_images": args.allow_remote_images}
+    ray_serve.start(http_options={"host": args.host, "port": args.port})
+    ray_serve.run(deployment(args.engine, args.replicas, args.threads or 1, args.backend, **options), route_prefix="/")
+    print(f"serving {args.engine} on http://{args.host}:{args.port}/v1 with {args.replicas} Ray Serve replicas",
+          file=sys.stderr)
+    try:
+        while True:  # Ray serves; Ctrl-C or SIGTERM ends it
+            time.sleep(3600)
+    finally:
+        ray_serve.shutdown()
