@@ -314,8 +314,39 @@ def create_app(pipeline=None, config: ServerConfig | None = None, loader=None):
                                               "logprob": a["logprob"], "bytes": list(t.encode())} for a in top]})
             return out
 
+        last_check = [time.monotonic()]
+
+        async def next_event():
+            """The worker's next event, or None once the client has hung up (its row is then dropped)."""
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - last_check[0] > 0.25:  # tokens may arrive faster than any timeout
+                    last_check[0] = time.monotonic()
+                    if await request.is_disconnected():
+                        job.cancelled.set()
+                        metrics.error("client_disconnected")
+                        return None
+                if event is not None:
+                    return event
+
         if parsed["stream"]:
+            # Headers wait for the first event, so a request the runtime refuses (context, image) still
+            # gets its status code instead of a 200 with an error inside the stream.
+            try:
+                pending = await next_event()
+            except asyncio.CancelledError:
+                job.cancelled.set()
+                raise
+            if pending is None:
+                return PlainTextResponse("", status_code=499)
+            if pending[0] == "error":
+                raise runtime_error(pending[1])
+
             async def sse():
+                nonlocal pending
                 try:
                     first = {**base, "object": "chat.completion.chunk",
                              "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -323,7 +354,8 @@ def create_app(pipeline=None, config: ServerConfig | None = None, loader=None):
                     yield f"data: {json.dumps(first)}\n\n"
                     sent_logprobs = 0
                     while True:
-                        kind, payload = await events.get()
+                        kind, payload = pending if pending is not None else await events.get()
+                        pending = None
                         if kind == "error":
                             err = runtime_error(payload)
                             metrics.error(err.code or err.kind)
@@ -353,20 +385,12 @@ def create_app(pipeline=None, config: ServerConfig | None = None, loader=None):
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         try:
-            text, checked = [], time.monotonic()
+            text = []
             while True:
-                try:
-                    kind, payload = await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    kind = None
-                if time.monotonic() - checked > 0.25:  # tokens may arrive faster than any timeout
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        metrics.error("client_disconnected")
-                        return PlainTextResponse("", status_code=499)
-                if kind is None:
-                    continue
+                event = await next_event()
+                if event is None:
+                    return PlainTextResponse("", status_code=499)
+                kind, payload = event
                 if kind == "text":
                     text.append(payload)
                 elif kind == "error":

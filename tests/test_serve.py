@@ -207,6 +207,9 @@ def test_errors_are_openai_style_with_their_status(server, case, status, fragmen
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="qwen3vl", messages=messages, max_tokens=2, **extra)
     assert info.value.status_code == status
+    with pytest.raises(openai.APIStatusError) as streamed:  # the same status when streaming
+        client.chat.completions.create(model="qwen3vl", messages=messages, max_tokens=2, stream=True, **extra)
+    assert streamed.value.status_code == status
     body = info.value.response.json()
     assert fragment in body["error"]["message"] and "Traceback" not in info.value.response.text
     # the server keeps serving
