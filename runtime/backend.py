@@ -3,9 +3,10 @@
 A backend runs two things: the vision encoder over packed image patches, and the text decoder
 over a KV cache it owns. Everything else (chat template, tokens, M-RoPE positions, where visual
 tokens go, sampling, stopping, text) is host logic on the Pipeline side and is the same for every
-backend. Backends: `runtime.ort_backend` (ONNX Runtime), `graph_passes.reference_backend` (the
-TensorRT-target graphs on the CPU with the plugins' numpy references) and
-`model_src.torch_backend` (the PyTorch model); `runtime.backends.open_backend` picks one by name.
+backend. Backends: `runtime.ort_backend` (ONNX Runtime), `runtime.trt_backend` (TensorRT plans),
+`graph_passes.reference_backend` (the TensorRT-target graphs on the CPU with the plugins' numpy
+references) and `model_src.torch_backend` (the PyTorch model); `runtime.backends` picks among the
+runtime's own by name (`auto`: the fastest present).
 
 One decoder call is a chunk of S tokens per row (rows right-padded) appended to each row's cache.
 ONNX Runtime's CPU attention continues a cache that already holds a past with more than one new
