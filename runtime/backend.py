@@ -83,16 +83,6 @@ class DecoderChunk:
     def logits_index(self) -> np.ndarray:
         return (np.asarray(self.lengths) - 1).astype(np.int64)
 
-    def row(self, r: int) -> "DecoderChunk":
-        """Row r alone, cut to its valid tokens."""
-        n = int(self.lengths[r])
-        return DecoderChunk(
-            self.input_ids[r:r + 1, :n], self.position_ids[:, r:r + 1, :n],
-            np.asarray(self.past_lengths)[r:r + 1], np.asarray(self.lengths)[r:r + 1],
-            None if self.visual_embeds is None else self.visual_embeds[r:r + 1, :n],
-            None if self.deepstack_embeds is None else self.deepstack_embeds[:, r:r + 1, :n],
-        )
-
 
 @runtime_checkable
 class KVCache(Protocol):
