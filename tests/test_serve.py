@@ -240,15 +240,20 @@ def test_client_disconnect_cancels_its_generation(pipe):
             for line in r.iter_lines():
                 if line.startswith("data: ") and '"content"' in line:
                     break  # one chunk read; closing the connection is the disconnect
-        for _ in range(100):  # the worker notices at its next step and drops the row
-            if 'kind="client_disconnected"' in httpx.get(live.url + "/metrics").text and \
-                    live.app.state.batcher().running == 0:
-                break
-            time.sleep(0.05)
-        assert live.app.state.batcher().running == 0
-        assert 'kind="client_disconnected"' in httpx.get(live.url + "/metrics").text
+        assert_disconnect_dropped(live)
     finally:
         live.stop()
+
+
+def assert_disconnect_dropped(live) -> None:
+    """The worker notices the hang-up at its next step: the row is dropped and the disconnect counted."""
+    for _ in range(100):
+        if 'kind="client_disconnected"' in httpx.get(live.url + "/metrics").text and \
+                live.app.state.batcher().running == 0:
+            break
+        time.sleep(0.05)
+    assert live.app.state.batcher().running == 0
+    assert 'kind="client_disconnected"' in httpx.get(live.url + "/metrics").text
 
 
 def test_per_row_sampling_draws_what_each_row_draws_alone():
@@ -375,12 +380,7 @@ def test_a_non_streaming_client_that_hangs_up_cancels_its_generation(pipe):
         body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4000, "temperature": 0}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(live.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
-        for _ in range(100):
-            if live.app.state.batcher().running == 0:
-                break
-            time.sleep(0.05)
-        assert live.app.state.batcher().running == 0
-        assert 'kind="client_disconnected"' in httpx.get(live.url + "/metrics").text
+        assert_disconnect_dropped(live)
     finally:
         live.stop()
 
