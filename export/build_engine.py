@@ -27,10 +27,13 @@ from runtime.engine_manifest import MANIFEST, Manifest, sha256_file
 from runtime.errors import CheckpointError, Qwen3VLError
 from runtime.prompt import load_chat_template
 
+from graph_passes.kv_cache_dtype import GRANULARITIES as KV_SCALE_GRANULARITIES
+from graph_passes.kv_cache_dtype import kv_cache_dtype
 from graph_passes.pass_runner import TRT_KV_DTYPES, ort_passes, run_passes, trt_passes
 
 from .decoder_graph import export_decoder
 from .engine_folder import EngineReplacement, check_target
+from .kv_calibration import calibrate_kv_scales
 from .stand_in_weights import attach_weights, use_stand_in_parameters
 from .trt_engine import write_graph_io
 from .vision_graph import export_vision
@@ -41,6 +44,8 @@ BLOCK_SIZES = (32, 64, 128)
 VISION_PRECISIONS = ("fp32", "int8")
 # KV cache storage types --kv-dtype names; the TensorRT graphs take fp32/fp16 (TRT_KV_DTYPES).
 KV_DTYPES = ("fp32", "fp16", "int8")
+# --kv-dtype when not given, per precision; otherwise the graph's own type (fp32, fp16 in fp16 builds).
+DEFAULT_KV_DTYPE: dict[str, str] = {}
 # "trt" also writes TensorRT-target graphs (plugin nodes) beside the ONNX Runtime ones; both read the
 # same weight files, and the ONNX Runtime graphs remain the CPU fallback.
 BACKENDS = ("ort", "trt")
@@ -60,10 +65,12 @@ def build_engine(
     apply_graph_passes: bool = True,
     vision_precision: str | None = None,
     kv_dtype: str | None = None,
+    kv_scales: str = "per_channel",
 ) -> Path:
     """`apply_graph_passes=False` keeps the graphs as exported (tests compare passes against them).
     `vision_precision` "fp32" or "int8"; default int8 for int8/int4 builds, else the graph's dtype.
-    `kv_dtype` the KV cache's storage type; default the graph's (fp32, fp16 for fp16 builds)."""
+    `kv_dtype` the KV cache's storage type; default the graph's (fp32, fp16 for fp16 builds).
+    `kv_scales` of an int8 cache: "per_channel" (per KV head and dimension) or "per_tensor"."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if block_size not in BLOCK_SIZES:
         raise Qwen3VLError(f"unsupported block size {block_size} (choose from {', '.join(map(str, BLOCK_SIZES))})")
@@ -80,6 +87,9 @@ def build_engine(
     if max_context < 16:
         raise Qwen3VLError(f"--max-context {max_context} is too small")
     kv_dtype = _check_kv_dtype(kv_dtype, backend, precision)
+    if kv_scales not in KV_SCALE_GRANULARITIES:
+        raise Qwen3VLError(f"unsupported KV scale granularity {kv_scales!r} "
+                           f"(choose from {', '.join(KV_SCALE_GRANULARITIES)})")
     check_target(out, checkpoint_dir)
 
     config = load_config(checkpoint_dir)
@@ -118,6 +128,11 @@ def build_engine(
             raise CheckpointError(f"{tokenizer}: missing")
         shutil.copyfile(tokenizer, staging / files["tokenizer"])
         (staging / files["chat_template"]).write_text(load_chat_template(checkpoint_dir))
+        if kv_dtype != _graph_kv_dtype(precision):
+            # The ONNX Runtime decoder's cache type (the TensorRT graph, written above, has its own pass).
+            float_engine = Manifest(model=facts, image_processor=image_settings, backend=backend, precision=precision,
+                                    max_context=max_context, files=files)
+            applied += _store_kv_cache(staging, float_engine, kv_dtype, kv_scales, progress)
 
         progress("hashing engine files")
         names = sorted(p.name for p in staging.iterdir())
@@ -186,19 +201,28 @@ def _write_trt_graph(part: str, staging: Path, kv_dtype: str, progress) -> list[
     return changed
 
 
+def _graph_kv_dtype(precision: str) -> str:
+    """The KV cache type the exported graphs hold before any KV pass."""
+    return "fp16" if precision == "fp16" else "fp32"
+
+
 def _check_kv_dtype(kv_dtype: str | None, backend: str, precision: str) -> str:
     """The KV cache storage type a build writes; its one-line refusals."""
-    own = "fp16" if precision == "fp16" else "fp32"  # what the exported graphs hold
-    kv_dtype = kv_dtype or own
+    kv_dtype = kv_dtype or DEFAULT_KV_DTYPE.get(precision, _graph_kv_dtype(precision))
     if kv_dtype not in KV_DTYPES:
         raise Qwen3VLError(f"unsupported KV cache type {kv_dtype!r} (choose from {', '.join(KV_DTYPES)})")
     if backend == "trt" and kv_dtype not in TRT_KV_DTYPES:
         raise Qwen3VLError(f"--kv-dtype {kv_dtype}: the TensorRT attention plugin stores its KV cache as "
                            f"{' or '.join(TRT_KV_DTYPES)} ({kv_dtype} is not implemented)")
-    if backend == "ort" and kv_dtype != own:
-        raise Qwen3VLError(f"--kv-dtype {kv_dtype}: the ONNX Runtime graphs keep a {own} KV cache for now (they will "
-                           f"honour --kv-dtype with the KV-cache issue); --backend trt writes TensorRT graphs with it")
     return kv_dtype
+
+
+def _store_kv_cache(staging: Path, float_engine: Manifest, kv_dtype: str, granularity: str, progress) -> list[str]:
+    """Retypes the ONNX Runtime decoder's KV cache; int8 first calibrates its scales on the engine as
+    built so far (float cache, weights already quantized)."""
+    scales = calibrate_kv_scales(staging, float_engine, progress) if kv_dtype == "int8" else None
+    changed = _apply_passes("decoder", staging, [kv_cache_dtype(kv_dtype, scales, granularity)], progress)
+    return [f"decoder:{name}" for name in changed]
 
 
 def _check_weights(checkpoint_dir: Path, config) -> None:

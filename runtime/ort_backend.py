@@ -17,7 +17,7 @@ from .engine_manifest import EngineError, Manifest
 from .graph_io import past_names, present_names
 from .memory_admission import OutOfMemoryError
 
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
 class OrtKVCache:
@@ -76,6 +76,8 @@ class OrtBackend:
         self.decoder_dtype = _NUMPY_TYPES[types["visual_embeds"]]
         layers = manifest.model.num_hidden_layers
         self.past_names, self.present_names = past_names(layers), present_names(layers)
+        # The cache's storage type is the graph's (`qwen3vl build --kv-dtype`): fp32, fp16 or int8.
+        self.kv_dtype = np.dtype(_NUMPY_TYPES[types[self.past_names[0]]])
 
     def end_profiling(self) -> dict[str, str]:
         """Ends profiling (backends made with `profile_prefix`): role -> profile file."""
@@ -100,7 +102,7 @@ class OrtBackend:
     def new_cache(self, batch: int, capacity: int) -> OrtKVCache:
         m = self.manifest.model
         shape = (batch, m.num_key_value_heads, capacity, m.head_dim)
-        return OrtKVCache([np.zeros(shape, dtype=self.decoder_dtype) for _ in range(2 * m.num_hidden_layers)])
+        return OrtKVCache([np.zeros(shape, dtype=self.kv_dtype) for _ in range(2 * m.num_hidden_layers)])
 
     def prefill(self, cache: OrtKVCache, chunk: DecoderChunk) -> np.ndarray:
         m, (b, s) = self.manifest.model, chunk.input_ids.shape

@@ -193,13 +193,19 @@ class Pipeline:
                 patches = [int(np.prod(g)) for g in grids] if grids is not None else []
                 frames = (int(grids[:, 0].sum()), max(int(h * w) for _, h, w in grids)) if patches else None
                 estimate = estimate_request(self.manifest.model, len(lengths), longest, longest + new_tokens,
-                                            np.dtype(self.backend.decoder_dtype).itemsize, patches, frames,
+                                            _kv_bytes_per_value(self.backend), patches, frames,
                                             self.prefill_chunk)
                 admit(estimate, what_to_lower="use a smaller --max-pixels, fewer images, fewer new tokens or a "
                                               "smaller batch")
 
         batch = self.prepare(prompts, images, min_pixels, max_pixels, allow_special_tokens, admit_request)
         return batch, budget["new_tokens"]
+
+def _kv_bytes_per_value(backend: Backend) -> int:
+    """Bytes of one cached key or value: the backend's cache type (`--kv-dtype`) where it says, else its
+    activations' (int8 scales are constants of the graph, not per token)."""
+    return np.dtype(getattr(backend, "kv_dtype", None) or backend.decoder_dtype).itemsize
+
 
 def _image_list(images) -> list:
     """A prompt's images as a list: one image (a path, PIL image or array) alone is not split up."""
