@@ -161,6 +161,9 @@ class Pipeline:
                 piece = text.step(int(step.tokens[0]))
                 if piece:
                     yield piece
+            tail = text.finish()  # a character cut by the token limit
+            if tail:
+                yield tail
 
     def steps(self, prompts: list, images: list[list], max_new_tokens: int, sampling: list[SamplingConfig],
               logprobs: int = 0, timings: Timings | None = None) -> Iterator:

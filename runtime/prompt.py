@@ -180,14 +180,24 @@ class PromptBuilder:
 
 class TextStream:
     """Text of an answer token by token, each token decoded once: `step(id)` returns the new text, or
-    "" while the token ends inside a UTF-8 character (or is a special token). The pieces join to
-    `decode(ids)`."""
+    "" while the token ends inside a UTF-8 character (or is a special token). The pieces, and then
+    `finish()`, join to `decode(ids)`."""
 
     def __init__(self, tokenizer):
         from tokenizers.decoders import DecodeStream
 
         self._tokenizer = tokenizer
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []
+        self._shown = 0  # characters returned so far
 
     def step(self, token_id: int) -> str:
-        return self._stream.step(self._tokenizer, int(token_id)) or ""
+        self._ids.append(int(token_id))
+        piece = self._stream.step(self._tokenizer, int(token_id)) or ""
+        self._shown += len(piece)
+        return piece
+
+    def finish(self) -> str:
+        """What is still held back once the answer ends: the bytes of a character the token limit cut,
+        as `decode` shows them (U+FFFD), so that the streamed text is the text `generate` returns."""
+        return self._tokenizer.decode(self._ids, skip_special_tokens=True)[self._shown:]

@@ -94,6 +94,17 @@ def test_streamed_pieces_hold_back_split_characters_and_join_to_the_final_text(p
     assert "世" in pieces and any(piece.endswith("𝔘") for piece in pieces), pieces  # whole, once complete
 
 
+def test_a_character_cut_by_the_token_limit_streams_as_generate_shows_it(pipe):
+    tokenizer = pipe.prompts.tokenizer
+    cut = tokenizer.encode("Voilà: ", add_special_tokens=False).ids + [byte_token(tokenizer, b)
+                                                                       for b in "世".encode()[:2]]
+    forced = wrapped(pipe, {step: {0: token} for step, token in enumerate(cut)})
+    result = forced.generate(PROMPTS[0], max_new_tokens=len(cut), do_sample=False)
+    assert result.token_ids == cut and result.finish_reason == "length" and result.text.endswith("\ufffd")
+    pieces = list(forced.stream(PROMPTS[0], max_new_tokens=len(cut), do_sample=False))
+    assert "".join(pieces) == result.text and pieces[-1].endswith("\ufffd"), pieces
+
+
 def test_command_line_streams_the_text_it_reports_as_json(tiny_engine):
     """`qwen3vl run` without --json streams pieces as they come; with --json it prints generate()'s
     result: the same text, and a newline after the stream. This prompt's greedy answer on this
