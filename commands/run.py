@@ -19,6 +19,9 @@ def add_parser(subparsers) -> None:
     generation_options.add_arguments(parser)
     parser.add_argument("--logprobs", type=int, default=0, metavar="K", help="report the top K per token")
     parser.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
+    parser.add_argument("--kv-window", type=int, metavar="W",
+                        help="answer conversations longer than the engine's context with a bounded KV cache: the "
+                             "system prompt and images plus the most recent W tokens (default: refuse them)")
     parser.add_argument("--verify", action="store_true",
                         help="check every engine file against the manifest's SHA-256 hashes before loading")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -32,6 +35,8 @@ def run(args) -> int:
     if not 0 <= args.logprobs <= 20:
         raise PromptError(f"--logprobs must be from 0 to 20, got {args.logprobs}")
     pipe = backend_choice.open_pipeline(args, engine=args.engine, checkpoint=args.checkpoint)
+    if args.kv_window is not None:
+        pipe.use_kv_window(args.kv_window)
     if args.json:
         result = pipe.generate(args.prompt, images=args.image, logprobs=args.logprobs, **options)
         backend_choice.announce(args, pipe)

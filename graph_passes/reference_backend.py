@@ -35,6 +35,10 @@ class ArrayKVCache:
     def row(self, r: int) -> "ArrayKVCache":
         return ArrayKVCache([b[r:r + 1] for b in self.buffers])
 
+    def move(self, start: int, stop: int, to: int) -> None:
+        for b in self.buffers:
+            b[:, :, to:to + stop - start] = b[:, :, start:stop]  # numpy buffers overlapping copies
+
 
 class _Graph:
     def __init__(self, path: Path):

@@ -32,6 +32,10 @@ class TorchKVCache:
     def row(self, r: int) -> "TorchKVCache":
         return TorchKVCache([k[r:r + 1] for k in self.keys], [v[r:r + 1] for v in self.values])
 
+    def move(self, start: int, stop: int, to: int) -> None:
+        for t in self.keys + self.values:
+            t[:, :, to:to + stop - start] = t[:, :, start:stop].clone()  # torch refuses overlapping copies
+
 
 class TorchBackend:
     name = "pytorch-cpu"

@@ -95,6 +95,10 @@ class KVCache(Protocol):
     def row(self, r: int) -> "KVCache":
         """A one-row cache that shares row r's storage (writes through to this cache)."""
 
+    def move(self, start: int, stop: int, to: int) -> None:
+        """Copies slots [start, stop) of every row, layer, key and value to [to, to + stop - start);
+        the ranges may overlap (to < start). The KV window's eviction (runtime/kv_window.py)."""
+
 
 @runtime_checkable
 class Backend(Protocol):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import Backend, ImageFeatures, KVCache
+from .kv_window import KVWindow, WindowedCache
 from .prepare import PreparedBatch
 from .sampling import SamplingConfig, log_softmax, next_tokens, next_tokens_per_row, top_logprobs
 
@@ -68,9 +69,11 @@ def decode_one_token(backend: Backend, cache: KVCache, batch: PreparedBatch, tok
 
 def decode_n_tokens(backend: Backend, cache: KVCache, batch: PreparedBatch, logits: np.ndarray, n: int,
                     sampling: SamplingConfig | list[SamplingConfig], eos_token_ids: tuple[int, ...],
-                    logprobs: int = 0, rng: np.random.Generator | None = None) -> Iterator[Step]:
+                    logprobs: int = 0, rng: np.random.Generator | None = None,
+                    window: WindowedCache | None = None) -> Iterator[Step]:
     """Up to n steps from the prefill's logits; stops early once every row has ended its turn.
-    `sampling` is one config for every row, or a list: one config (and generator from its seed) per row."""
+    `sampling` is one config for every row, or a list: one config (and generator from its seed) per row.
+    Under a KV `window`, the cache's slots are not the conversation's tokens (runtime/kv_window.py)."""
     per_row = isinstance(sampling, (list, tuple))
     if per_row:
         rngs = [np.random.default_rng(config.seed) for config in sampling]
@@ -88,25 +91,32 @@ def decode_n_tokens(backend: Backend, cache: KVCache, batch: PreparedBatch, logi
         yield Step(tokens, active, finished.copy(), top, chosen)
         if finished.all() or step == n - 1:
             return
-        logits = decode_one_token(backend, cache, batch, tokens, past_lengths)
+        if window is None:
+            logits = decode_one_token(backend, cache, batch, tokens, past_lengths)
+        else:
+            logits = window.decode(backend, tokens, batch.decode_positions(past_lengths), past_lengths)
         past_lengths = past_lengths + 1
 
 
 def generate(backend: Backend, batch: PreparedBatch, max_new_tokens: int, sampling: SamplingConfig | list[SamplingConfig],
              eos_token_ids: tuple[int, ...], logprobs: int = 0, prefill_chunk: int | None = None,
-             timings: Timings | None = None) -> Iterator[Step]:
-    """Vision, prefill and decoding of one batch; `timings` (if given) is filled in as it goes."""
+             timings: Timings | None = None, kv_window: KVWindow | None = None) -> Iterator[Step]:
+    """Vision, prefill and decoding of one batch; `timings` (if given) is filled in as it goes. With a
+    `kv_window` that the conversation outgrows, the cache keeps its sinks and recent tokens only."""
     timings = timings if timings is not None else Timings()
     start = time.perf_counter()
     features = encode_images(backend, batch)
     timings.vision_ms = 1000 * (time.perf_counter() - start) if features is not None else 0.0
-    cache = backend.new_cache(batch.batch, batch.longest + max_new_tokens)
+    window = (WindowedCache(backend, batch, kv_window) if kv_window is not None
+              and not kv_window.fits(batch, max_new_tokens) else None)
+    cache = window.cache if window is not None else backend.new_cache(batch.batch, batch.longest + max_new_tokens)
     start = time.perf_counter()
-    logits = prefill(backend, cache, batch, features, prefill_chunk)
+    logits = (window.prefill(backend, batch, features) if window is not None
+              else prefill(backend, cache, batch, features, prefill_chunk))
     timings.prefill_ms = 1000 * (time.perf_counter() - start)
     del features
     for count, step in enumerate(decode_n_tokens(backend, cache, batch, logits, max_new_tokens, sampling,
-                                                 eos_token_ids, logprobs)):
+                                                 eos_token_ids, logprobs, window=window)):
         now = time.perf_counter()
         if count == 0:
             timings.ttft_ms = 1000 * (now - timings._start)

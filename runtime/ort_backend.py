@@ -38,6 +38,10 @@ class OrtKVCache:
     def row(self, r: int) -> "OrtKVCache":
         return OrtKVCache([b[r:r + 1] for b in self.buffers])  # views: a leading-axis slice stays contiguous
 
+    def move(self, start: int, stop: int, to: int) -> None:
+        for b in self.buffers:  # in place: the OrtValues and bindings read this memory
+            b[:, :, to:to + stop - start] = b[:, :, start:stop]  # numpy buffers overlapping copies
+
 
 class OrtBackend:
     """The engine's ONNX Runtime graphs (vision.onnx, decoder.onnx) on the given execution providers."""

@@ -16,8 +16,9 @@ import numpy as np
 
 from .backend import Backend
 from .engine_manifest import Manifest, load_manifest
-from .errors import PromptError
+from .errors import PromptError, Qwen3VLError
 from .generate import Timings, generate
+from .kv_window import KVWindow
 from .memory_admission import admit, estimate_request
 from .prepare import PreparedBatch, is_chat, prepare
 from .prompt import PromptBuilder, load_chat_template
@@ -50,7 +51,8 @@ class Pipeline:
     max_batch = 64  # prompts per call
     max_images = 64  # images per prompt
 
-    def __init__(self, engine_dir: str | Path, manifest: Manifest, backend: Backend, prefill_chunk: int | None = 512):
+    def __init__(self, engine_dir: str | Path, manifest: Manifest, backend: Backend, prefill_chunk: int | None = 512,
+                 kv_window: int | None = None):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.backend = backend
@@ -62,21 +64,36 @@ class Pipeline:
         self.prompts = PromptBuilder(self.engine_dir / manifest.files["tokenizer"],
                                      (self.engine_dir / template).read_text() if template
                                      else load_chat_template(self.engine_dir), manifest.model.image_token_id)
+        self.kv_window: KVWindow | None = None  # None: a prompt longer than the context is refused
+        if kv_window is not None:
+            self.use_kv_window(kv_window)
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", threads: int | None = None,
-             providers: list[str] | None = None, verify: bool = False) -> "Pipeline":
+             providers: list[str] | None = None, verify: bool = False, kv_window: int | None = None) -> "Pipeline":
         """Opens an engine folder built by `qwen3vl build` with one of the runtime's backends ("auto",
-        "trt", "ort"; runtime.backends); verify=True also checks file hashes. Other backends:
-        `Pipeline(folder, manifest, obj)`."""
+        "trt", "ort"; runtime.backends); verify=True also checks file hashes; `kv_window` see
+        `use_kv_window`. Other backends: `Pipeline(folder, manifest, obj)`."""
         from .backends import open_backend
 
         engine_dir = Path(engine_dir)
         manifest = load_manifest(engine_dir, verify_hashes=verify)
-        return cls(engine_dir, manifest, open_backend(backend, engine_dir, manifest, threads, providers))
+        return cls(engine_dir, manifest, open_backend(backend, engine_dir, manifest, threads, providers),
+                   kv_window=kv_window)
 
     def close(self) -> None:
         self.backend.close()
+
+    def use_kv_window(self, window: int, slack: int | None = None) -> None:
+        """Long chats: a conversation longer than the engine's context is answered with a bounded KV
+        cache that keeps the attention sinks (system prompt, images) and the most recent `window`
+        tokens (runtime/kv_window.py) instead of being refused."""
+        refusal = getattr(self.backend, "kv_window_refusal", None)
+        if refusal:
+            raise Qwen3VLError(refusal)
+        if isinstance(window, int) and not isinstance(window, bool) and window > self.manifest.max_context:
+            raise PromptError(f"--kv-window {window} is more than this engine's context of {self.manifest.max_context}")
+        self.kv_window = KVWindow.for_engine(window, self.prompts, self.manifest.model, slack)
 
     # -- host side -------------------------------------------------------------------------------
 
@@ -129,7 +146,7 @@ class Pipeline:
             scores = [[] for _ in prompts] if logprobs else None
             finished = None
             for step in generate(self.backend, batch, max_new_tokens, sampling, self.manifest.model.eos_token_ids,
-                                 logprobs, self.prefill_chunk, timings):
+                                 logprobs, self.prefill_chunk, timings, kv_window=self.kv_window):
                 for r in step.active.nonzero()[0]:
                     generated[r].append(int(step.tokens[r]))
                     if scores is not None:
@@ -157,7 +174,7 @@ class Pipeline:
                                                            min_pixels, max_pixels, allow_special_tokens)
             text = self.prompts.text_stream()
             for step in generate(self.backend, batch, max_new_tokens, sampling, self.manifest.model.eos_token_ids,
-                                 0, self.prefill_chunk):
+                                 0, self.prefill_chunk, kv_window=self.kv_window):
                 piece = text.step(int(step.tokens[0]))
                 if piece:
                     yield piece
@@ -175,7 +192,7 @@ class Pipeline:
             batch, max_new_tokens = self._prepare_admitted(prompts, images, max_new_tokens, None, None, False)
             yield batch.lengths.copy()
             yield from generate(self.backend, batch, max_new_tokens, list(sampling), self.manifest.model.eos_token_ids,
-                                logprobs, self.prefill_chunk, timings)
+                                logprobs, self.prefill_chunk, timings, kv_window=self.kv_window)
 
     def _prepare_admitted(self, prompts: list, images: list[list], max_new_tokens, min_pixels, max_pixels,
                           allow_special_tokens: bool) -> tuple[PreparedBatch, int]:
@@ -188,6 +205,9 @@ class Pipeline:
 
         def admit_request(lengths: np.ndarray, grids: np.ndarray | None) -> None:
             longest, context = int(lengths.max()), self.manifest.max_context
+            window = self.kv_window
+            if window is not None:  # no context limit; the cache holds at most sinks (<= W) + W + slack
+                context = max(context, longest + max_new_tokens)
             if longest >= context:
                 raise PromptError(f"the prompt is {longest} tokens; this engine was built for a context of {context} "
                                   f"(rebuild with a larger --max-context, or use a smaller image budget --max-pixels)")
@@ -195,13 +215,17 @@ class Pipeline:
             if getattr(self.backend, "uses_host_memory", True):
                 patches = [int(np.prod(g)) for g in grids] if grids is not None else []
                 frames = (int(grids[:, 0].sum()), max(int(h * w) for _, h, w in grids)) if patches else None
-                estimate = estimate_request(self.manifest.model, len(lengths), longest, longest + new_tokens,
+                capacity = longest + new_tokens if window is None else min(longest + new_tokens,
+                                                                            2 * window.window + window.slack)
+                estimate = estimate_request(self.manifest.model, len(lengths), longest, capacity,
                                             _kv_bytes_per_value(self.backend), patches, frames,
-                                            self.prefill_chunk)
+                                            self.prefill_chunk if window is None else window.slack)
                 admit(estimate, what_to_lower="use a smaller --max-pixels, fewer images, fewer new tokens or a "
                                               "smaller batch")
 
         batch = self.prepare(prompts, images, min_pixels, max_pixels, allow_special_tokens, admit_request)
+        if self.kv_window is not None and not self.kv_window.fits(batch, budget["new_tokens"]):
+            self.kv_window.check_sinks(self.kv_window.sinks(batch))  # before the vision encoder runs
         return batch, budget["new_tokens"]
 
 def _kv_bytes_per_value(backend: Backend) -> int:

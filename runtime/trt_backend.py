@@ -37,6 +37,9 @@ from .trt_plans import (DECODER_PROFILES, GraphIO, PlanSettings, TrtPlanError, c
                         open_tensorrt, profile_ranges, read_trt_io, recorded_settings)
 from .vision_positions import VisionInputs, frame_layout
 
+# The KV window (runtime/kv_window.py) moves keys inside the cache: not written for device memory yet.
+KV_WINDOW_REFUSAL = ("--kv-window is not available on the TensorRT backend yet (its KV cache is in GPU memory): "
+                     "use --backend ort")
 # GPU memory left free beside a new KV cache: CUDA's own allocations, the decode graph, fragmentation.
 KV_RESERVE_BYTES = 64 << 20
 _NUMPY_OF_TRT = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
@@ -175,6 +178,9 @@ class TrtKVCache:
 
     def row(self, r: int) -> "TrtKVCache":
         return self.rows(r, r + 1)
+
+    def move(self, start: int, stop: int, to: int) -> None:
+        raise Qwen3VLError(KV_WINDOW_REFUSAL)
 
     def close(self) -> None:
         if self.steps is not None:
@@ -318,6 +324,8 @@ def _stderr(message: str) -> None:
 
 class TrtBackend:
     """The engine's TensorRT plans (`decoder.trt.onnx`, and `vision.trt.onnx` when `vision_on_gpu`)."""
+
+    kv_window_refusal = KV_WINDOW_REFUSAL  # Pipeline refuses a KV window up front with this
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, settings: PlanSettings | None = None,
                  plugins: str | Path | None = None, vision_on_gpu: bool = True, compile_missing: bool = True,
