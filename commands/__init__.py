@@ -8,9 +8,9 @@ import sys
 
 from runtime.errors import Qwen3VLError
 
-from . import bench, build, compare, plan, run, serve, synth
+from . import bench, build, chat, compare, plan, run, serve, synth
 
-SUBCOMMANDS = (synth, build, run, bench, plan, compare, serve)
+SUBCOMMANDS = (synth, build, run, chat, bench, plan, compare, serve)
 
 
 def main(argv: list[str] | None = None) -> int:
