@@ -29,6 +29,21 @@ decoder call after a prefill up to the token before the image, so the measured p
 with the image tokens; top-1 agreement and mean KL(P_ref || P_engine) in nats over --positions.
 Decode efficiency = weight bytes read per token x decode tok/s / memory read bandwidth (measured
 in the same run with --threads threads streaming a 1 GiB array; 1.0 = at the memory's speed).
+
+Text fidelity (--text FILE), comparable with llama-perplexity --kl-divergence: FILE is tokenized as
+plain text (no chat template) and cut into chunks of --ctx tokens (256; --chunks: how many, default
+all that fit); each chunk starts from an empty cache and its last --score-tokens next-token
+predictions (default the second half: positions ctx/2 .. ctx-2, as llama-perplexity) are scored,
+teacher-forced: a prefill through the first scored position, then one decode call per position fed
+the text's own token. One JSON line (--json) or a summary: mean/median/p99/max KL(P_ref || P_engine)
+in nats, top-1 agreement, the reference's mean entropy, both perplexities, scored tokens, and the
+engine's weight bytes read and KV bytes stored per decoded token. --reference is an engine folder
+or a file saved by an earlier run with --save-reference (like --kl-divergence-base): the reference
+runs first and alone, so one slow FP32 run serves many comparisons, e.g.
+  qwen3vl bench --engine eng-fp32 --text notes.txt --save-reference fp32-ctx256.npz
+  qwen3vl bench --engine eng-int4 --text notes.txt --reference fp32-ctx256.npz --json
+A saved reference records the token ids, --ctx, --chunks and --score-tokens (options left unset
+follow it) and the model facts and tokenizer hash; a run that does not match it is refused.
 """
 
 
@@ -51,6 +66,15 @@ def add_parser(subparsers) -> None:
                              "against it over teacher-forced positions")
     parser.add_argument("--positions", type=int, default=256,
                         help="teacher-forced positions for --reference (default 256)")
+    text = parser.add_argument_group("text fidelity (instead of the speed and image benchmark)")
+    text.add_argument("--text", metavar="FILE", help="plain UTF-8 text: score --engine against --reference on it "
+                                                    "(or, without --reference, report --engine's own figures)")
+    text.add_argument("--ctx", type=int, help="tokens per chunk (default 256, or the saved reference's)")
+    text.add_argument("--chunks", type=int, help="chunks to score (default: all that fit, or the saved reference's)")
+    text.add_argument("--score-tokens", type=int,
+                      help="scored positions per chunk, the last ones (default ctx - 1 - ctx/2: the second half)")
+    text.add_argument("--save-reference", metavar="FILE",
+                      help="save the reference's scored log-probabilities (.npz; the --engine's without --reference)")
     parser.add_argument("--profile", action="store_true",
                         help="ONNX Runtime's per-op profile of the vision encoder, the prefill and decode")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to decode, greedy (default 32)")
@@ -70,6 +94,11 @@ def run(args) -> int:
     from bench.inputs import parse_size, synthetic_image
     from bench.report import run_worker, summarise, table
 
+    if args.text is not None:
+        return run_text(args)
+    for name in ("ctx", "chunks", "score_tokens", "save_reference"):
+        if getattr(args, name) is not None:
+            raise PromptError(f"--{name.replace('_', '-')} is an option of --text")
     if args.max_new_tokens < 2:
         raise PromptError("--max-new-tokens must be >= 2 (decode speed needs a token after the first)")
     if args.runs < 1:
@@ -142,4 +171,42 @@ def run(args) -> int:
               "(was the engine built from another checkpoint?)", file=sys.stderr)
     return 0
 
+
+def run_text(args) -> int:
+    """`bench --text`: teacher-forced next-token fidelity over plain text (bench/text_fidelity.py)."""
+    from runtime.errors import PromptError
+
+    from bench.bandwidth import physical_cores
+    from bench.text_fidelity import measure
+
+    given = [f"--{name}" for name in ("checkpoint", "image", "image_size", "profile") if getattr(args, name)]
+    if given:
+        raise PromptError(f"{', '.join(o.replace('_', '-') for o in given)}: not options of --text")
+    if args.threads is not None and args.threads < 1:
+        raise PromptError("--threads must be >= 1")
+    if args.save_reference is not None:
+        if args.reference is not None and not Path(args.reference).is_dir():
+            raise PromptError("--save-reference saves a reference engine's run; --reference is already a saved file")
+        if not Path(args.save_reference).resolve().parent.is_dir():
+            raise PromptError(f"--save-reference {args.save_reference}: its folder does not exist")
+    report = measure(args.engine, args.text, args.reference, args.ctx, args.chunks, args.score_tokens,
+                     args.save_reference, args.threads or physical_cores())
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"engine {report['engine']} ({report['precision']}), {report['chunks']} chunks of {report['ctx']} tokens, "
+          f"{report['scored_tokens']} scored")
+    if "mean_kl" in report:
+        print(f"  against {report['reference']} ({report['reference_precision']}): mean KL {report['mean_kl']:.6f} "
+              f"± {report['mean_kl_stderr']:.6f} nats, median {report['median_kl']:.6f}, p99 {report['p99_kl']:.6f}, "
+              f"max {report['max_kl']:.6f}; top-1 agreement {100 * report['top1_agreement']:.2f}%")
+        print(f"  perplexity: engine {report['engine_ppl']:.3f}, reference {report['reference_ppl']:.3f}")
+    else:
+        print(f"  perplexity {report['reference_ppl']:.3f}")
+    print(f"  reference mean entropy {report['reference_mean_entropy']:.4f} nats")
+    print(f"  per decoded token: {report['weight_bytes_per_token'] / 1e6:.1f} MB of weights read, "
+          f"{report['kv_bytes_per_token']} B of KV cache")
+    if "saved_reference" in report:
+        print(f"  reference saved to {report['saved_reference']}")
+    return 0
 
