@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 import time
+from dataclasses import asdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from graph_passes.pass_runner import TRT_KV_DTYPES, ort_passes, run_passes, trt_
 
 from .decoder_graph import export_decoder
 from .engine_folder import EngineReplacement, check_target
+from .quantization_plan import DEFAULT_SCALE_SEARCH, body_format, weight_overrides
+from .sensitivity import CALIBRATION_TOKENS, linear_sensitivities, most_sensitive
 from .kv_calibration import calibrate_kv_scales
 from .stand_in_weights import attach_weights, use_stand_in_parameters
 from .trt_engine import write_graph_io
@@ -66,11 +69,16 @@ def build_engine(
     vision_precision: str | None = None,
     kv_dtype: str | None = None,
     kv_scales: str = "per_channel",
+    head_bits: int | None = None,
+    scale_search: str = DEFAULT_SCALE_SEARCH,
+    keep_sensitive: int = 0,
 ) -> Path:
     """`apply_graph_passes=False` keeps the graphs as exported (tests compare passes against them).
     `vision_precision` "fp32" or "int8"; default int8 for int8/int4 builds, else the graph's dtype.
     `kv_dtype` the KV cache's storage type; default the graph's (fp32, fp16 for fp16 builds).
-    `kv_scales` of an int8 cache: "per_channel" (per KV head and dimension) or "per_tensor"."""
+    `kv_scales` of an int8 cache: "per_channel" (per KV head and dimension) or "per_tensor".
+    int8/int4: `head_bits` of the tied embedding/lm_head (default 8), `scale_search` "clip" or "none"
+    (max-abs), `keep_sensitive` N decoder linears at 8 bits (int4; export/quantization_plan.py)."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if block_size not in BLOCK_SIZES:
         raise Qwen3VLError(f"unsupported block size {block_size} (choose from {', '.join(map(str, BLOCK_SIZES))})")
@@ -90,6 +98,15 @@ def build_engine(
     if kv_scales not in KV_SCALE_GRANULARITIES:
         raise Qwen3VLError(f"unsupported KV scale granularity {kv_scales!r} "
                            f"(choose from {', '.join(KV_SCALE_GRANULARITIES)})")
+    body = body_format(precision, block_size, symmetric, scale_search)
+    weight_overrides(precision, body, head_bits)  # its refusals, before any work
+    if head_bits is not None and precision not in ("int8", "int4"):
+        raise Qwen3VLError(f"--head-bits quantizes the lm_head of int8/int4 builds, not {precision}")
+    if keep_sensitive and precision != "int4":
+        raise Qwen3VLError(f"--keep-sensitive keeps int4 linears at 8 bits: use it with --precision int4, "
+                           f"not {precision}")
+    if keep_sensitive < 0:
+        raise Qwen3VLError(f"--keep-sensitive {keep_sensitive}: give a count of linears, 0 or more")
     check_target(out, checkpoint_dir)
 
     config = load_config(checkpoint_dir)
@@ -106,12 +123,18 @@ def build_engine(
     staging = replacement.staging
     try:
         applied = []
+        quantization = _plan_quantization(checkpoint_dir, precision, body, head_bits, keep_sensitive, progress)
         for part, export in (("vision", export_vision), ("decoder", export_decoder)):
             _export_part(part, export, config, checkpoint_dir, staging, dtype, progress)
             passes = []
             if apply_graph_passes:
-                passes = ort_passes(part, precision, block_size, symmetric, accuracy_level, vision_precision, backend)
+                overrides = quantization["overrides"] if part == "decoder" and quantization else None
+                passes = ort_passes(part, precision, block_size, symmetric, accuracy_level, vision_precision, backend,
+                                    scale_search=scale_search, overrides=overrides)
             applied += [f"{part}:{name}" for name in _apply_passes(part, staging, passes, progress)]
+            records = {name: record for p in passes for name, record in getattr(p, "records", {}).items()}
+            if records and quantization:
+                quantization["record"]["tensors"][part] = records
             if backend == "trt":
                 applied += [f"{part}.trt:{name}" for name in _write_trt_graph(part, staging, kv_dtype, progress)]
         files = {
@@ -149,6 +172,7 @@ def build_engine(
             graph_passes=["decoder:fused_attention:GroupQueryAttention", *applied],
             generation_defaults=generation_defaults,
             kv_dtype=kv_dtype,
+            quantization=quantization["record"] if quantization else None,
         )
         (staging / MANIFEST).write_text(manifest.to_json())
         replacement.commit()
@@ -156,6 +180,28 @@ def build_engine(
         replacement.abort()
         raise
     return out
+
+
+def _plan_quantization(checkpoint_dir: Path, precision: str, body, head_bits: int | None, keep_sensitive: int,
+                       progress) -> dict | None:
+    """int8/int4: {"overrides": the decoder weights that do not get `body`, "record": the manifest's
+    `quantization` (tensors filled in as the passes run; the sensitivities, when measured)}."""
+    if precision not in ("int8", "int4"):
+        return None
+    record: dict = {"default": asdict(body), "tensors": {}}
+    sensitive = []
+    if keep_sensitive:
+        start = time.perf_counter()
+        progress(f"sensitivity: each decoder linear alone at {body.label} on {CALIBRATION_TOKENS} calibration tokens")
+        sensitivities = linear_sensitivities(checkpoint_dir, body, progress=progress)
+        sensitive = most_sensitive(sensitivities, keep_sensitive)
+        ranked = ", ".join(f"{name.removeprefix('language_model.').removesuffix('.weight')} {sensitivities[name]:.2e}"
+                           for name in sensitive)
+        progress(f"sensitivity: done in {time.perf_counter() - start:.0f} s; kept at 8 bits: {ranked}")
+        record["sensitivity"] = {"metric": "mean KL(fp32 || this linear alone quantized), nats",
+                                 "calibration_tokens": CALIBRATION_TOKENS, "kl": sensitivities,
+                                 "kept": sensitive}
+    return {"overrides": weight_overrides(precision, body, head_bits, sensitive), "record": record}
 
 
 def _export_part(part, export, config, checkpoint_dir, staging, dtype, progress):

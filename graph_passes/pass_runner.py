@@ -26,7 +26,7 @@ from runtime.errors import Qwen3VLError
 from .external_data import compact_external_data, external_data_files
 from .fuse_rmsnorm import fuse_rmsnorm
 from .quantize_dynamic_int8 import dynamic_int8_weights
-from .quantize_weights import quantize_weights
+from .quantize_weights import WeightFormat, quantize_weights
 from .trt_attention import trt_attention
 from .trt_kv_cache import PLUGIN_KV_TYPES, trt_kv_cache
 from .trt_rmsnorm import trt_rmsnorm
@@ -56,8 +56,11 @@ def trt_passes(kv_dtype: str | None = None) -> list[GraphPass]:
 
 
 def ort_passes(part: str, precision: str, block_size: int, symmetric: bool, accuracy_level: int,
-               vision_precision: str = "fp32", backend: str = "ort") -> list[GraphPass]:
-    """The ONNX Runtime target's passes for one graph (the decoder's attention is fused at export)."""
+               vision_precision: str = "fp32", backend: str = "ort", scale_search: str = "none",
+               overrides: dict[str, tuple[WeightFormat, str]] | None = None) -> list[GraphPass]:
+    """The ONNX Runtime target's passes for one graph (the decoder's attention is fused at export).
+    The decoder's weights get (bits of the precision, block_size, symmetric, scale_search) except
+    those `overrides` names (weight name -> (WeightFormat, reason): the head, sensitive layers)."""
     if part == "vision":
         if vision_precision != "int8":
             return []
@@ -73,7 +76,8 @@ def ort_passes(part: str, precision: str, block_size: int, symmetric: bool, accu
     if precision in ("int8", "int4"):
         # Decoder linears and the tied embedding at the chosen width.
         passes.append(quantize_weights(bits=4 if precision == "int4" else 8, block_size=block_size,
-                                       symmetric=symmetric, accuracy_level=accuracy_level, include_embedding=True))
+                                       symmetric=symmetric, accuracy_level=accuracy_level, include_embedding=True,
+                                       scale_search=scale_search, overrides=overrides))
     return passes
 
 

@@ -22,7 +22,7 @@ from onnx import helper
 
 from .external_data import append_tensor
 from .onnx_helpers import MS_DOMAIN, unique_name
-from .quantize_weights import QuantizeWeights, _Stored, _Use
+from .quantize_weights import QuantizeWeights, WeightFormat, _Stored, _Use
 
 WEIGHT_LEVELS = 63  # largest code magnitude; see the module docstring
 _CHUNK_BYTES = 64 << 20
@@ -61,14 +61,15 @@ class DynamicInt8Weights(QuantizeWeights):
     read by a Gather stay float (include_embedding=False), with any MatMul tied to them."""
 
     def __init__(self):
-        super().__init__(bits=8, block_size=64, symmetric=True, accuracy_level=0, include_embedding=False)
+        super().__init__(WeightFormat(8, 64, True), accuracy_level=0, include_embedding=False, overrides={})
         self.name = "dynamic_int8_weights:per_column:7bit"
 
     def _store(self, source: np.ndarray, name: str, layout: str, out, location: str, taken: set[str]):
         if source.dtype != np.float32:
             raise ValueError(f"{name}: DynamicQuantizeMatMul needs float32 activations, the weight is {source.dtype}")
         codes, scales = quantize_columns(source, rows=layout == "nk")
-        stored = _Stored(k=codes.shape[0], n=codes.shape[1], block_size=codes.shape[0])
+        stored = _Stored(k=codes.shape[0], n=codes.shape[1], bits=8, block_size=codes.shape[0],
+                         nbytes=codes.nbytes + scales.nbytes)  # one 7-bit scale per column: a block of K
         stored.quant = append_tensor(out, codes, unique_name(f"{name}.int8", taken), location)
         stored.scales = append_tensor(out, scales, unique_name(f"{name}.scales", taken), location)
         return stored

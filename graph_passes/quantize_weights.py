@@ -19,6 +19,7 @@ chunk of temporaries (2 B decoder: ~1.6 GB peak RSS, 1.2 GB of it the mapped fp3
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,23 +29,38 @@ from onnx import TensorProto, helper, numpy_helper
 from .external_data import append_array, append_tensor, external_tensor, new_data_file, read_tensor
 from .onnx_helpers import FLOAT_TYPES, MS_DOMAIN, all_names, attribute, drop_unused, unique_name, use_domain
 
-_CHUNK_BYTES = 64 << 20  # float32 bytes quantized per step
+_CHUNK_BYTES = 1 << 20  # float32 bytes quantized per step (cache-sized: the scale search is ~3x faster than at 64 MB)
 
 
 # -- numpy reference quantizer ---------------------------------------------------------------------
 
+SCALE_SEARCHES = ("none", "clip")
+# Clipping ratios tried per block by scale_search="clip": a block's largest values are rare, so a
+# range a little narrower than them rounds the many small ones more finely (the squared error of
+# every ratio is measured; 1.0 is max-abs itself, so no block gets worse).
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
 def quantize_blockwise(weight: np.ndarray, bits: int = 4, block_size: int = 64, symmetric: bool = True,
-                       rows: bool = False, scale_dtype=np.float32
+                       rows: bool = False, scale_dtype=np.float32, scale_search: str = "none"
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Quantizes a (K, N) MatMul weight (or, with rows=True, an (N, K) table such as an embedding or
     a Gemm transB weight) along K; returns (packed, scales, zero_points) in MatMulNBits' layout.
 
-    Round to nearest, so every element is within scale / 2 of its value. Symmetric: scale =
-    max|w| / (2**(bits-1) - 1), so q - 2**(bits-1) spans [-7, 7] (4 bit); the one unused code (0)
-    buys exact sign symmetry. Asymmetric: the block's [min, max] widened to include 0 (so 0 is
-    exact and the zero point is in range) over 2**bits - 1 steps.
+    scale_search "none" (max-abs): round to nearest, so every element is within scale / 2 of its
+    value. Symmetric: scale = max|w| / (2**(bits-1) - 1), so q - 2**(bits-1) spans [-7, 7] (4 bit);
+    the one unused code (0) buys exact sign symmetry. Asymmetric: the block's [min, max] widened to
+    include 0 (so 0 is exact and the zero point is in range) over 2**bits - 1 steps.
+
+    scale_search "clip": per block, the scale (and zero point) of least squared reconstruction error
+    among max-abs, the clipping ratios CLIP_RATIOS of it, (symmetric) the same ratios of the scale
+    that puts the block's largest-magnitude value on the extra code -2**(bits-1) (a negative scale
+    when that value is positive: all 2**bits codes in use), and a least-squares refit of the best
+    scale to its rounded codes. No block's error exceeds max-abs's.
     """
     _check_format(bits, block_size)
+    if scale_search not in SCALE_SEARCHES:
+        raise ValueError(f"scale_search must be one of {', '.join(SCALE_SEARCHES)}, got {scale_search!r}")
     w = np.asarray(weight)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
@@ -57,7 +73,7 @@ def quantize_blockwise(weight: np.ndarray, bits: int = 4, block_size: int = 64, 
     step = max(1, _CHUNK_BYTES // (4 * k_blocks * block_size))
     for start in range(0, n, step):
         stop = min(n, start + step)
-        q, s, z = _quantize_rows(table[start:stop], bits, block_size, symmetric, scale_dtype)
+        q, s, z = _quantize_rows(table[start:stop], bits, block_size, symmetric, scale_dtype, scale_search)
         packed[start:stop] = _pack(q, bits).reshape(stop - start, k_blocks, -1)
         scales[start:stop] = s
         if zero_points is not None:
@@ -87,7 +103,8 @@ def _check_format(bits: int, block_size: int) -> None:
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
 
 
-def _quantize_rows(table: np.ndarray, bits: int, block_size: int, symmetric: bool, scale_dtype):
+def _quantize_rows(table: np.ndarray, bits: int, block_size: int, symmetric: bool, scale_dtype,
+                   scale_search: str = "none"):
     """(n, K) float -> codes (n, k_blocks * block_size), scales (n, k_blocks), zero points (n, k_blocks)."""
     n, k = table.shape
     k_blocks = -(-k // block_size)
@@ -104,11 +121,90 @@ def _quantize_rows(table: np.ndarray, bits: int, block_size: int, symmetric: boo
         scale = (high - low) / top
     # Quantize against the scale as stored (fp16 engines round it), so dequantization is consistent.
     scale = scale.astype(scale_dtype)
-    divisor = np.where(scale == 0, 1, scale).astype(np.float32)  # all-zero block: any scale is exact
-    if not symmetric:
-        zero = np.clip(np.rint(-low / divisor), 0, top)
-    codes = np.clip(np.rint(blocks / divisor[..., None]) + zero[..., None], 0, top)
+    if symmetric:
+        if scale_search == "clip":
+            scale = _searched_symmetric_scale(blocks, scale, bits, scale_dtype)
+    else:
+        zero = _zero_point(low, scale, top)
+        if scale_search == "clip":
+            scale, zero = _searched_asymmetric_scale(blocks, scale, zero, low, high, top, scale_dtype)
+    codes = _codes(blocks, scale, zero, top)
     return codes.astype(np.uint8).reshape(n, -1), scale, zero.astype(np.uint8)
+
+
+def _codes(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int) -> np.ndarray:
+    """Round to nearest against the stored scale, clipped to the codes."""
+    divisor = np.where(scale == 0, 1, scale).astype(np.float32)  # all-zero block: any scale is exact
+    return np.clip(np.rint(blocks / divisor[..., None]) + zero[..., None], 0, top)
+
+
+def _zero_point(low: np.ndarray, scale: np.ndarray, top: int) -> np.ndarray:
+    divisor = np.where(scale == 0, 1, scale).astype(np.float32)
+    return np.clip(np.rint(-low / divisor), 0, top).astype(np.float32)
+
+
+def _squared_error(blocks, scale, zero, top) -> tuple[np.ndarray, np.ndarray]:
+    """Each block's squared reconstruction error with this scale and zero point, and its centred codes
+    (the codes of `_codes`, minus the zero point; computed in place: this is the search's inner loop)."""
+    divisor = np.where(scale == 0, 1, scale).astype(np.float32)
+    centred = np.divide(blocks, divisor[..., None])
+    np.rint(centred, out=centred)
+    np.clip(centred, -zero[..., None], top - zero[..., None], out=centred)
+    difference = centred * scale.astype(np.float32)[..., None]
+    difference -= blocks
+    return np.einsum("ijk,ijk->ij", difference, difference), centred
+
+
+def _refit(blocks: np.ndarray, centred: np.ndarray, fallback: np.ndarray, scale_dtype) -> np.ndarray:
+    """The least-squares scale for fixed centred codes: sum(w q) / sum(q q)."""
+    norm = np.square(centred).sum(axis=2)
+    fitted = (blocks * centred).sum(axis=2) / np.where(norm == 0, 1, norm)
+    return np.where(norm == 0, fallback, fitted).astype(scale_dtype)
+
+
+def _searched_symmetric_scale(blocks: np.ndarray, max_abs_scale: np.ndarray, bits: int, scale_dtype) -> np.ndarray:
+    top = (1 << bits) - 1
+    zero = np.full(max_abs_scale.shape, 1 << (bits - 1), dtype=np.float32)
+    # The value of largest magnitude, sign kept: on code 0 (q - zero = -2**(bits-1)) it gets the
+    # code range's longer side.
+    index = np.abs(blocks).argmax(axis=2)[..., None]
+    extreme = np.take_along_axis(blocks, index, axis=2)[..., 0]
+    full_range = extreme / -(1 << (bits - 1))
+    candidates = [max_abs_scale.astype(np.float32) * r for r in CLIP_RATIOS]
+    candidates += [full_range * r for r in CLIP_RATIOS]
+    best, best_error = max_abs_scale, None
+    for candidate in candidates:
+        best, best_error = _keep_better(blocks, candidate.astype(scale_dtype), zero, top, best, best_error)
+    _, centred = _squared_error(blocks, best, zero, top)
+    best, _ = _keep_better(blocks, _refit(blocks, centred, best, scale_dtype), zero, top, best, best_error)
+    return best
+
+
+def _keep_better(blocks, candidate, zero, top, best, best_error):
+    error, _ = _squared_error(blocks, candidate, zero, top)
+    if best_error is None:
+        return candidate, error
+    better = error < best_error
+    return np.where(better, candidate, best), np.where(better, error, best_error)
+
+
+def _searched_asymmetric_scale(blocks, scale, zero, low, high, top, scale_dtype):
+    """Ranges [r low, r high] for each clipping ratio r (0 stays inside, so the zero point stays in
+    range), then a least-squares refit of the best scale to its codes, zero point kept."""
+    best_scale, best_zero = scale, zero
+    best_error, _ = _squared_error(blocks, scale, zero, top)
+    for r in CLIP_RATIOS[1:]:
+        candidate = ((high - low) * r / top).astype(scale_dtype)
+        candidate_zero = _zero_point(low * r, candidate, top)
+        error, _ = _squared_error(blocks, candidate, candidate_zero, top)
+        better = error < best_error
+        best_scale = np.where(better, candidate, best_scale)
+        best_zero = np.where(better, candidate_zero, best_zero)
+        best_error = np.where(better, error, best_error)
+    _, centred = _squared_error(blocks, best_scale, best_zero, top)
+    fitted = _refit(blocks, centred, best_scale, scale_dtype)
+    error, _ = _squared_error(blocks, fitted, best_zero, top)
+    return np.where(error < best_error, fitted, best_scale).astype(scale_dtype), best_zero
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -131,17 +227,43 @@ def _unpack(data: np.ndarray, bits: int) -> np.ndarray:
 
 # -- the pass --------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class WeightFormat:
+    """How one weight is quantized: bits, block size along K, zero points or not, and how each
+    block's scale is chosen (quantize_blockwise's scale_search)."""
+
+    bits: int = 4
+    block_size: int = 64
+    symmetric: bool = True
+    scale_search: str = "none"
+
+    def __post_init__(self):
+        _check_format(self.bits, self.block_size)
+        if self.scale_search not in SCALE_SEARCHES:
+            raise ValueError(f"scale_search must be one of {', '.join(SCALE_SEARCHES)}, got {self.scale_search!r}")
+
+    @property
+    def label(self) -> str:
+        return f"int{self.bits}:b{self.block_size}:{'sym' if self.symmetric else 'asym'}:{self.scale_search}"
+
+
 def quantize_weights(bits: int = 4, block_size: int = 64, symmetric: bool = True, accuracy_level: int = 0,
-                     include_embedding: bool = True) -> "QuantizeWeights":
+                     include_embedding: bool = True, scale_search: str = "none",
+                     overrides: dict[str, tuple[WeightFormat, str]] | None = None) -> "QuantizeWeights":
     """The pass: MatMul/Gemm over a 2-D float weight initializer -> MatMulNBits and, with
     include_embedding, Gather over one -> GatherBlockQuantized (see QuantizeWeights). Without
     include_embedding a table keeps all its uses in float, the lm_head tied to it included; an
     untied lm_head is an ordinary linear layer either way.
 
+    Every weight gets (bits, block_size, symmetric, scale_search) unless `overrides` names it:
+    weight initializer name -> (its WeightFormat, the reason, e.g. "head" or "sensitive"). After a
+    run, the pass's `records` say what each quantized weight got (QuantizeWeights.records).
+
     accuracy_level 0 computes exactly on the dequantized weights but is ORT CPU's slow path (2 B
     decode step on 2 cores: int4 ~2x and int8 ~20x slower than fp32); 4 quantizes activations to
     int8 per block, the fast path (int4 0.7x, int8 0.4x of the fp32 step time)."""
-    return QuantizeWeights(bits, block_size, symmetric, accuracy_level, include_embedding)
+    return QuantizeWeights(WeightFormat(bits, block_size, symmetric, scale_search), accuracy_level, include_embedding,
+                           overrides or {})
 
 
 class QuantizeWeights:
@@ -161,13 +283,19 @@ class QuantizeWeights:
     block_size the table rows keep the last block's padding and a Slice trims the gathered rows.
     """
 
-    def __init__(self, bits: int, block_size: int, symmetric: bool, accuracy_level: int, include_embedding: bool):
-        _check_format(bits, block_size)
+    def __init__(self, default: WeightFormat, accuracy_level: int, include_embedding: bool,
+                 overrides: dict[str, tuple[WeightFormat, str]]):
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0-4, got {accuracy_level}")
-        self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
+        self.default, self.overrides = default, dict(overrides)
         self.accuracy_level, self.include_embedding = accuracy_level, include_embedding
-        self.name = f"quantize_weights:int{bits}:b{block_size}:{'sym' if symmetric else 'asym'}"
+        label = default.label if default.scale_search != "none" else default.label.removesuffix(":none")
+        self.name = f"quantize_weights:{label}" + (":mixed" if self.overrides else "")  # the manifest has each weight's
+        # Filled by a run: weight name -> {bits, block_size, symmetric, scale_search, reason, bytes}.
+        self.records: dict[str, dict] = {}
+
+    def format_of(self, name: str) -> tuple[WeightFormat, str]:
+        return self.overrides.get(name, (self.default, "default"))
 
     def __call__(self, model: onnx.ModelProto, folder: Path) -> bool:
         folder = Path(folder)
@@ -179,7 +307,7 @@ class QuantizeWeights:
             return False
 
         taken = all_names(graph)
-        location = new_data_file(model, folder, initializers[next(iter(uses))], f"int{self.bits}")
+        location = new_data_file(model, folder, initializers[next(iter(uses))], f"int{self.default.bits}")
         path = folder / location
         replacements: dict[str, list[onnx.NodeProto]] = {}  # by first output
         added: list[TensorProto] = []
@@ -189,6 +317,7 @@ class QuantizeWeights:
                     source = read_tensor(initializers[name], folder)
                     for layout in dict.fromkeys(u.layout for u in node_uses):
                         stored = self._store(source, name, layout, out, location, taken)
+                        self._record(name, stored)
                         for use in node_uses:
                             if use.layout == layout:
                                 replacements[use.node.output[0]] = self._rewrite(use, stored, taken, added)
@@ -231,13 +360,17 @@ class QuantizeWeights:
         """Quantizes one weight into `out`; returns the tensors that describe it (not yet in the graph)."""
         rows = layout == "nk"
         k = source.shape[1] if rows else source.shape[0]
+        form, reason = self.format_of(name)
         # A block longer than K holds K values and padding: a shorter block quantizes identically
         # and stores no padding.
-        block_size = min(self.block_size, max(16, 1 << (k - 1).bit_length()))
-        packed, scales, zero_points = quantize_blockwise(source, self.bits, block_size, self.symmetric,
-                                                         rows=rows, scale_dtype=source.dtype)
+        block_size = min(form.block_size, max(16, 1 << (k - 1).bit_length()))
+        packed, scales, zero_points = quantize_blockwise(source, form.bits, block_size, form.symmetric,
+                                                         rows=rows, scale_dtype=source.dtype,
+                                                         scale_search=form.scale_search)
         n, k_blocks, blob = packed.shape
-        stored = _Stored(k=k, n=n, block_size=block_size)
+        stored = _Stored(k=k, n=n, bits=form.bits, block_size=block_size, symmetric=form.symmetric,
+                         scale_search=form.scale_search, reason=reason,
+                         nbytes=packed.nbytes + scales.nbytes + (0 if zero_points is None else zero_points.nbytes))
         offset = append_array(out, packed)
         stored.quant = external_tensor(unique_name(f"{name}.quant", taken), packed.shape, TensorProto.UINT8, location,
                                        offset, packed.nbytes)
@@ -248,6 +381,11 @@ class QuantizeWeights:
         if zero_points is not None:
             stored.zero_points = append_tensor(out, zero_points, unique_name(f"{name}.zero_points", taken), location)
         return stored
+
+    def _record(self, name: str, stored: "_Stored") -> None:
+        self.records[name] = {"bits": stored.bits, "block_size": stored.block_size, "symmetric": stored.symmetric,
+                              "scale_search": stored.scale_search, "reason": stored.reason,
+                              "shape": [stored.n, stored.k], "bytes": stored.nbytes}
 
     def _rewrite(self, use: "_Use", stored: "_Stored", taken: set[str],
                  added: list[TensorProto]) -> list[onnx.NodeProto]:
@@ -262,14 +400,14 @@ class QuantizeWeights:
             while inputs[-1] == "":
                 inputs.pop()
             return [helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name, domain=MS_DOMAIN,
-                                     K=stored.k, N=stored.n, bits=self.bits, block_size=stored.block_size,
+                                     K=stored.k, N=stored.n, bits=stored.bits, block_size=stored.block_size,
                                      accuracy_level=self.accuracy_level)]
 
         inputs = [stored.need(stored.table, added), node.input[1], scales] + ([zero_points] if zero_points else [])
         padded = stored.k % stored.block_size != 0
         output = unique_name(f"{node.output[0]}_padded", taken) if padded else node.output[0]
         gather = helper.make_node("GatherBlockQuantized", inputs, [output], name=node.name, domain=MS_DOMAIN,
-                                  bits=self.bits, block_size=stored.block_size, gather_axis=0, quantize_axis=1)
+                                  bits=stored.bits, block_size=stored.block_size, gather_axis=0, quantize_axis=1)
         if not padded:
             return [gather]
         prefix = node.name or node.output[0]
@@ -294,8 +432,10 @@ class _Use:
 class _Stored:
     """One quantized weight's tensors; each enters the graph when a rewritten node first needs it."""
 
-    def __init__(self, k: int, n: int, block_size: int):
-        self.k, self.n, self.block_size = k, n, block_size
+    def __init__(self, k: int, n: int, bits: int, block_size: int, symmetric: bool = True, scale_search: str = "none",
+                 reason: str = "default", nbytes: int = 0):
+        self.k, self.n, self.bits, self.block_size = k, n, bits, block_size
+        self.symmetric, self.scale_search, self.reason, self.nbytes = symmetric, scale_search, reason, nbytes
         self.quant = self.table = self.scales = self.zero_points = None
         self._added: set[str] = set()
 

@@ -64,6 +64,11 @@ class Manifest:
     # KV cache storage type the build asked for (fp32/fp16): the TensorRT graphs hold it, the ONNX
     # Runtime graphs their own until they honour --kv-dtype. None: manifests from before the field.
     kv_dtype: str | None = None
+    # int8/int4 builds: how each weight was quantized and why ({"default": format, "tensors": {part:
+    # {weight: {bits, block_size, symmetric, scale_search, reason, shape, bytes}}}, and "sensitivity"
+    # with --keep-sensitive). A record for people and tools: the runtime reads the graphs' own
+    # attributes. None: not quantized, or a manifest from before the field.
+    quantization: dict | None = None
 
     def to_json(self) -> str:
         body = asdict(self)
@@ -119,6 +124,7 @@ def load_manifest(engine_dir: str | Path, verify_hashes: bool = False) -> Manife
             **{k: raw[k] for k in ("backend", "precision", "max_context", "files", "hashes", "sizes", "versions",
                                    "graph_passes", "generation_defaults")},
             kv_dtype=raw.get("kv_dtype"),
+            quantization=raw.get("quantization"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise EngineError(f"{path}: incomplete manifest ({exc})") from None
@@ -152,6 +158,7 @@ def _check_field_types(manifest: Manifest, path: Path) -> None:
         "hashes": mapping(manifest.hashes, str, str),
         "max_context": isinstance(manifest.max_context, int) and manifest.max_context > 0,
         "generation_defaults": isinstance(manifest.generation_defaults, dict),
+        "quantization": manifest.quantization is None or isinstance(manifest.quantization, dict),
         "files.tokenizer": "tokenizer" in manifest.files if isinstance(manifest.files, dict) else False,
     }
     bad = [name for name, ok in checks.items() if not ok]

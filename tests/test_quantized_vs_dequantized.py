@@ -1,6 +1,7 @@
 """int8/int4 engines against their exact oracle: an FP32 engine built from a checkpoint whose decoder
-linears and embedding are replaced by numpy's quantize -> dequantize of the originals (same bits,
-block size and symmetry as the quantized build).
+linears and embedding are replaced by numpy's quantize -> dequantize of the originals, each in the
+format the quantized build's manifest records for it (bits, block size, symmetry, scale search: the
+int4 build is mixed, its tied embedding/lm_head and its two most sensitive linears at 8 bits).
 
 Weight-only quantization is then the *only* difference between the two engines, so:
 - at accuracy level 0 (MatMulNBits computes in fp32 on the dequantized weights) the engines differ
@@ -14,6 +15,7 @@ How far quantization moves the model from the original FP32 one is tests/test_en
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -30,6 +32,8 @@ from wrapper_backends import wrapped
 
 BLOCK = 32
 BITS = {"int8": 8, "int4": 4}
+# The int4 build also keeps its 2 most sensitive linears at 8 bits: three formats in one graph.
+OPTIONS = {"int8": {}, "int4": {"keep_sensitive": 2}}
 PROMPT = "Describe this image."
 NEW_TOKENS = 16
 # Level 0: the same fp32 weights and fp32 arithmetic, summed in another order. Logits here are of
@@ -45,66 +49,92 @@ LEVEL0_LOGPROB_ATOL = 1e-4
 LEVEL4_MEAN_KL, LEVEL4_MAX_KL, LEVEL4_TOP1 = 0.02, 0.12, 0.75
 
 
-def is_quantized_by_the_build(name: str, tensor: torch.Tensor) -> bool:
-    """The decoder's 2-D weights: q/k/v/o, gate/up/down, the embedding (and an untied lm_head)."""
-    return tensor.ndim == 2 and (name.startswith("model.language_model.") or name == "lm_head.weight")
+def checkpoint_weight(graph_name: str) -> str:
+    """The graph's weight name -> the checkpoint's (model.language_model.*, lm_head.weight)."""
+    return graph_name if graph_name.startswith("lm_head.") else f"model.{graph_name}"
 
 
-def dequantized_checkpoint(source, out, bits: int, block_size: int):
-    """A copy of `source` whose decoder linears hold dequantize(quantize(W)) in float32, quantized
-    along the input dimension (checkpoint layout (out, in)), as the build quantizes them."""
+def recorded_formats(engine) -> dict[str, dict]:
+    """Checkpoint tensor name -> the decoder quantization the engine's manifest records for it."""
+    manifest = json.loads((engine / "manifest.json").read_text())
+    return {checkpoint_weight(name): record for name, record in manifest["quantization"]["tensors"]["decoder"].items()}
+
+
+def fake_quantized(w: np.ndarray, record: dict) -> np.ndarray:
+    """dequantize(quantize(W)) of a checkpoint (out, in) weight along `in`, in the recorded format."""
+    bits, block = record["bits"], record["block_size"]
+    packed = quantize_blockwise(w, bits, block, record["symmetric"], rows=True, scale_search=record["scale_search"])
+    return dequantize_blockwise(*packed, w.shape[1], bits, block, rows=True)
+
+
+def dequantized_checkpoint(source, out, formats: dict[str, dict]):
+    """A copy of `source` whose quantized weights hold fake_quantized(W) in float32."""
     shutil.copytree(source, out)
     tensors = load_file(str(out / "model.safetensors"))
-    for name, tensor in tensors.items():
-        if is_quantized_by_the_build(name, tensor):
-            w = tensor.float().numpy()
-            packed = quantize_blockwise(w, bits, block_size, symmetric=True, rows=True)
-            tensors[name] = torch.from_numpy(dequantize_blockwise(*packed, w.shape[1], bits, block_size, rows=True))
+    for name, record in formats.items():
+        tensors[name] = torch.from_numpy(fake_quantized(tensors[name].float().numpy(), record))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 
+def quantized_pipeline(tiny_engine, precision: str, accuracy_level: int) -> Pipeline:
+    return Pipeline.load(quantized_engine(tiny_engine, precision, accuracy_level))
+
+
+def quantized_engine(tiny_engine, precision: str, accuracy_level: int):
+    # accuracy_level 4 is the build's default.
+    options = {} if accuracy_level == 4 else {"accuracy_level": accuracy_level}
+    return tiny_engine("gqa2-tied", precision=precision, block_size=BLOCK, **OPTIONS[precision], **options)
+
+
 @pytest.fixture(scope="module")
-def oracles(tiny_checkpoints, tmp_path_factory):
-    """precision -> (dequantized checkpoint, a Pipeline on its FP32 engine)."""
+def oracles(tiny_checkpoints, tiny_engine, tmp_path_factory):
+    """precision -> (dequantized checkpoint, a Pipeline on its FP32 engine, the recorded formats)."""
     root = tmp_path_factory.mktemp("dequantized")
     built = {}
-    for precision, bits in BITS.items():
+    for precision in BITS:
+        formats = recorded_formats(quantized_engine(tiny_engine, precision, accuracy_level=0))
         source = tiny_checkpoints["gqa2-tied"]
-        checkpoint = dequantized_checkpoint(source, root / f"checkpoint-{precision}", bits, BLOCK)
+        checkpoint = dequantized_checkpoint(source, root / f"checkpoint-{precision}", formats)
         engine = build_engine(checkpoint, root / f"engine-{precision}", vision_precision="int8")
-        built[precision] = checkpoint, Pipeline.load(engine)
+        built[precision] = checkpoint, Pipeline.load(engine), formats
     return built
 
 
-def quantized_pipeline(tiny_engine, precision: str, accuracy_level: int) -> Pipeline:
-    # accuracy_level 4 is the build's default: that engine is the one tests/test_engine_precisions.py uses.
-    options = {} if accuracy_level == 4 else {"accuracy_level": accuracy_level}
-    return Pipeline.load(tiny_engine("gqa2-tied", precision=precision, block_size=BLOCK, **options))
-
-
 @pytest.mark.parametrize("precision", list(BITS))
-def test_dequantized_weights_keep_the_precisions_resolution(tiny_checkpoints, oracles, precision):
-    """The oracle itself: every weight within half a step of its block's symmetric grid, max|block|
-    / (2**(bits-1) - 1), of the original (an int8 quantizer with int4's coarseness fails here), and
-    no weight outside the decoder touched."""
-    bits = BITS[precision]
+def test_the_manifest_records_every_weight_and_the_oracle_follows_it(tiny_checkpoints, tiny_engine, oracles,
+                                                                     precision):
+    """Every decoder weight has a record, both accuracy levels quantized the same, the int4 build is
+    mixed as asked (8-bit head, 2 sensitive linears at 8 bits, the rest 4 bits at block 32), every
+    block of the oracle is no worse than max-abs would make it, and no weight outside the decoder
+    was touched."""
+    checkpoint, _, formats = oracles[precision]
+    assert formats == recorded_formats(quantized_engine(tiny_engine, precision, accuracy_level=4))
+    assert len(formats) == 7 * 4 + 1  # 4 layers of q k v o gate up down, and the tied embedding
+    reasons = {name: record["reason"] for name, record in formats.items()}
+    bits = {name: record["bits"] for name, record in formats.items()}
+    head = "model.language_model.embed_tokens.weight"
+    if precision == "int4":
+        assert reasons[head] == "head" and bits[head] == 8
+        sensitive = [name for name, reason in reasons.items() if reason == "sensitive"]
+        assert len(sensitive) == 2 and all(bits[name] == 8 for name in sensitive)
+        assert {bits[name] for name, reason in reasons.items() if reason == "default"} == {4}
+    else:
+        assert set(reasons.values()) == {"default"} and set(bits.values()) == {8}
     original = load_file(str(tiny_checkpoints["gqa2-tied"] / "model.safetensors"))
-    restored = load_file(str(oracles[precision][0] / "model.safetensors"))
-    replaced = 0
+    restored = load_file(str(checkpoint / "model.safetensors"))
     for name, tensor in original.items():
-        if not is_quantized_by_the_build(name, tensor):
+        if name not in formats:
             assert torch.equal(restored[name], tensor), name
             continue
-        replaced += 1
-        w = tensor.float().numpy()
-        assert w.shape[1] % BLOCK == 0
-        blocks = w.reshape(w.shape[0], -1, BLOCK)
-        step = np.abs(blocks).max(axis=2, keepdims=True) / ((1 << (bits - 1)) - 1)
-        error = np.abs(restored[name].numpy().reshape(blocks.shape) - blocks)
-        assert (error <= step * (0.5 + 1e-5) + 1e-12).all(), name
-        assert error.max() > step.max() / 16, name  # it was quantized, not copied
-    assert replaced == 7 * 4 + 1  # 4 layers of q k v o gate up down, and the tied embedding
+        record, w = formats[name], tensor.float().numpy()
+        block = record["block_size"]
+        assert record["scale_search"] == "clip" and w.shape[1] % block == 0
+        plain = {**record, "scale_search": "none"}
+        searched_error = np.square(restored[name].numpy() - w).reshape(w.shape[0], -1, block).sum(axis=2)
+        plain_error = np.square(fake_quantized(w, plain) - w).reshape(w.shape[0], -1, block).sum(axis=2)
+        assert (searched_error <= plain_error * (1 + 1e-6) + 1e-12).all(), name
+        assert searched_error.sum() < plain_error.sum(), name  # the search changed something
 
 
 @pytest.mark.parametrize("precision", list(BITS))
