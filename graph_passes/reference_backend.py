@@ -35,6 +35,13 @@ class ArrayKVCache:
     def row(self, r: int) -> "ArrayKVCache":
         return ArrayKVCache([b[r:r + 1] for b in self.buffers])
 
+    def read_prefix(self, n: int) -> list[np.ndarray]:
+        return [b[:, :, :n].copy() for b in self.buffers]
+
+    def write_prefix(self, arrays: list[np.ndarray]) -> None:
+        for buffer, stored in zip(self.buffers, arrays, strict=True):
+            buffer[:, :, :stored.shape[2]] = stored
+
     def move(self, start: int, stop: int, to: int) -> None:
         for b in self.buffers:
             b[:, :, to:to + stop - start] = b[:, :, start:stop]  # numpy buffers overlapping copies

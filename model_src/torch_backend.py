@@ -32,6 +32,13 @@ class TorchKVCache:
     def row(self, r: int) -> "TorchKVCache":
         return TorchKVCache([k[r:r + 1] for k in self.keys], [v[r:r + 1] for v in self.values])
 
+    def read_prefix(self, n: int) -> list[np.ndarray]:
+        return [t[:, :, :n].numpy().copy() for t in self.keys + self.values]
+
+    def write_prefix(self, arrays: list[np.ndarray]) -> None:
+        for buffer, stored in zip(self.keys + self.values, arrays, strict=True):
+            buffer[:, :, :stored.shape[2]].copy_(torch.from_numpy(stored))
+
     def move(self, start: int, stop: int, to: int) -> None:
         for t in self.keys + self.values:
             t[:, :, to:to + stop - start] = t[:, :, start:stop].clone()  # torch refuses overlapping copies

@@ -95,6 +95,15 @@ class KVCache(Protocol):
     def row(self, r: int) -> "KVCache":
         """A one-row cache that shares row r's storage (writes through to this cache)."""
 
+    # Optional (prefix reuse, runtime/prefix_cache.py; a cache without them is never reused):
+    def read_prefix(self, n: int) -> list[np.ndarray]:
+        """Host copies of token positions [0, n) of every buffer of a one-row cache, in the cache's
+        own dtype (and any per-token scales), the token axis at 2."""
+
+    def write_prefix(self, arrays: list[np.ndarray]) -> None:
+        """Writes `read_prefix` arrays (possibly cut shorter on axis 2) into positions [0, n) of a
+        one-row cache."""
+
     def move(self, start: int, stop: int, to: int) -> None:
         """Copies slots [start, stop) of every row, layer, key and value to [to, to + stop - start);
         the ranges may overlap (to < start). The KV window's eviction (runtime/kv_window.py)."""

@@ -19,7 +19,8 @@ from .engine_manifest import Manifest, load_manifest
 from .errors import PromptError, Qwen3VLError
 from .generate import Timings, generate
 from .kv_window import KVWindow
-from .memory_admission import admit, estimate_request
+from .memory_admission import OutOfMemoryError, admit, available_memory_bytes, estimate_request
+from .prefix_cache import BatchReuse, PrefixCache, default_cache_memory
 from .prepare import PreparedBatch, is_chat, prepare
 from .prompt import PromptBuilder, load_chat_template
 from .sampling import SamplingConfig
@@ -31,6 +32,7 @@ class GenerationResult:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str  # "stop" (end-of-turn token) or "length"
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (runtime/prefix_cache.py)
     logprobs: list[list[dict]] | None = None
     timings: dict = field(default_factory=dict)
 
@@ -46,13 +48,18 @@ class Pipeline:
 
     Safe to share between threads: requests run one at a time, in the order they take the lock (a
     `stream` holds it until it is exhausted or closed).
+
+    `cache_memory`: bytes for reusing the KV of recent conversations and the features of recent
+    images (runtime/prefix_cache.py); None: 1 GiB or an eighth of the available memory where less;
+    0: no reuse. Reused KV needs a backend whose cache offers read_prefix/write_prefix (not TensorRT's
+    yet: there only image features are reused).
     """
 
     max_batch = 64  # prompts per call
     max_images = 64  # images per prompt
 
     def __init__(self, engine_dir: str | Path, manifest: Manifest, backend: Backend, prefill_chunk: int | None = 512,
-                 kv_window: int | None = None):
+                 kv_window: int | None = None, cache_memory: int | None = None):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.backend = backend
@@ -60,6 +67,11 @@ class Pipeline:
         # grows with chunk x context, whatever the prompt's length; tokens do not change.
         self.prefill_chunk = prefill_chunk
         self._lock = threading.RLock()
+        if cache_memory is None:
+            cache_memory = default_cache_memory(available_memory_bytes())
+        if isinstance(cache_memory, bool) or not isinstance(cache_memory, int) or cache_memory < 0:
+            raise PromptError(f"cache_memory must be a number of bytes >= 0, got {cache_memory!r}")
+        self.prefix_cache = PrefixCache(cache_memory) if cache_memory else None
         template = manifest.files.get("chat_template")  # an engine's; a checkpoint keeps it in one of several forms
         self.prompts = PromptBuilder(self.engine_dir / manifest.files["tokenizer"],
                                      (self.engine_dir / template).read_text() if template
@@ -70,16 +82,17 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", threads: int | None = None,
-             providers: list[str] | None = None, verify: bool = False, kv_window: int | None = None) -> "Pipeline":
+             providers: list[str] | None = None, verify: bool = False, kv_window: int | None = None,
+             cache_memory: int | None = None) -> "Pipeline":
         """Opens an engine folder built by `qwen3vl build` with one of the runtime's backends ("auto",
         "trt", "ort"; runtime.backends); verify=True also checks file hashes; `kv_window` see
-        `use_kv_window`. Other backends: `Pipeline(folder, manifest, obj)`."""
+        `use_kv_window`; `cache_memory` see the class. Other backends: `Pipeline(folder, manifest, obj)`."""
         from .backends import open_backend
 
         engine_dir = Path(engine_dir)
         manifest = load_manifest(engine_dir, verify_hashes=verify)
         return cls(engine_dir, manifest, open_backend(backend, engine_dir, manifest, threads, providers),
-                   kv_window=kv_window)
+                   kv_window=kv_window, cache_memory=cache_memory)
 
     def close(self) -> None:
         self.backend.close()
@@ -146,7 +159,8 @@ class Pipeline:
             scores = [[] for _ in prompts] if logprobs else None
             finished = None
             for step in generate(self.backend, batch, max_new_tokens, sampling, self.manifest.model.eos_token_ids,
-                                 logprobs, self.prefill_chunk, timings, kv_window=self.kv_window):
+                                 logprobs, self.prefill_chunk, timings, kv_window=self.kv_window,
+                                 reuse=self._reuse(batch, min_pixels, max_pixels)):
                 for r in step.active.nonzero()[0]:
                     generated[r].append(int(step.tokens[r]))
                     if scores is not None:
@@ -157,6 +171,7 @@ class Pipeline:
             token_ids=ids,
             prompt_tokens=int(batch.lengths[r]),
             finish_reason="stop" if finished[r] else "length",
+            cached_tokens=timings.cached_tokens[r],
             logprobs=scores[r] if scores is not None else None,
             timings={**timings.to_dict(), "backend": self.backend.name},
         ) for r, ids in enumerate(generated)]
@@ -174,7 +189,8 @@ class Pipeline:
                                                            min_pixels, max_pixels, allow_special_tokens)
             text = self.prompts.text_stream()
             for step in generate(self.backend, batch, max_new_tokens, sampling, self.manifest.model.eos_token_ids,
-                                 0, self.prefill_chunk, kv_window=self.kv_window):
+                                 0, self.prefill_chunk, kv_window=self.kv_window,
+                                 reuse=self._reuse(batch, min_pixels, max_pixels)):
                 piece = text.step(int(step.tokens[0]))
                 if piece:
                     yield piece
@@ -192,7 +208,8 @@ class Pipeline:
             batch, max_new_tokens = self._prepare_admitted(prompts, images, max_new_tokens, None, None, False)
             yield batch.lengths.copy()
             yield from generate(self.backend, batch, max_new_tokens, list(sampling), self.manifest.model.eos_token_ids,
-                                logprobs, self.prefill_chunk, timings, kv_window=self.kv_window)
+                                logprobs, self.prefill_chunk, timings, kv_window=self.kv_window,
+                                reuse=self._reuse(batch, None, None))
 
     def _prepare_admitted(self, prompts: list, images: list[list], max_new_tokens, min_pixels, max_pixels,
                           allow_special_tokens: bool) -> tuple[PreparedBatch, int]:
@@ -220,13 +237,37 @@ class Pipeline:
                 estimate = estimate_request(self.manifest.model, len(lengths), longest, capacity,
                                             _kv_bytes_per_value(self.backend), patches, frames,
                                             self.prefill_chunk if window is None else window.slack)
-                admit(estimate, what_to_lower="use a smaller --max-pixels, fewer images, fewer new tokens or a "
-                                              "smaller batch")
+                self._admit(estimate)
 
         batch = self.prepare(prompts, images, min_pixels, max_pixels, allow_special_tokens, admit_request)
         if self.kv_window is not None and not self.kv_window.fits(batch, budget["new_tokens"]):
             self.kv_window.check_sinks(self.kv_window.sinks(batch))  # before the vision encoder runs
         return batch, budget["new_tokens"]
+
+    def _admit(self, estimate) -> None:
+        """Refuses a request whose memory does not fit; the prefix cache's memory is given up first."""
+        lower = "use a smaller --max-pixels, fewer images, fewer new tokens or a smaller batch"
+        try:
+            admit(estimate, what_to_lower=lower)
+        except OutOfMemoryError:
+            if self.prefix_cache is None or not self.prefix_cache.nbytes:
+                raise
+            self.prefix_cache.clear()
+            admit(estimate, what_to_lower=lower)
+
+    def _reuse(self, batch: PreparedBatch, min_pixels: int | None, max_pixels: int | None) -> BatchReuse | None:
+        """The batch's use of the prefix cache (None when reuse is off); the images' keys name the
+        pixel budget they were resized under."""
+        if self.prefix_cache is None:
+            return None
+        settings = self.manifest.image_processor.with_budget(min_pixels, max_pixels)
+        return BatchReuse(self.prefix_cache, batch, self.manifest.model, settings.min_pixels, settings.max_pixels)
+
+    def reuse_stats(self) -> dict | None:
+        """The prefix cache's hit/miss counts by input type and its bytes (None when reuse is off).
+        Read without the lock (a server's /metrics must not wait for a running request): counters only."""
+        return self.prefix_cache.stats() if self.prefix_cache is not None else None
+
 
 def _kv_bytes_per_value(backend: Backend) -> int:
     """Bytes of one cached key or value: the backend's cache type (`--kv-dtype`) where it says, else its
