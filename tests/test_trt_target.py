@@ -525,8 +525,7 @@ def test_kv_cache_pass_refuses_what_the_plugin_does_not_store():
 
 @pytest.mark.parametrize("backend,precision,kv_dtype,message", [
     ("trt", "int4", "int8", "--kv-dtype int8: the TensorRT attention plugin stores its KV cache as fp32 or fp16"),
-    ("ort", "fp32", "fp16", "--kv-dtype fp16: the ONNX Runtime graphs keep a fp32 KV cache for now"),
-    ("ort", "fp16", "fp32", "--kv-dtype fp32: the ONNX Runtime graphs keep a fp16 KV cache for now"),
+    ("ort", "fp32", "int4", "unsupported KV cache type 'int4' (choose from fp32, fp16, int8)"),
 ])
 def test_build_refuses_a_kv_dtype_the_graphs_do_not_take_in_one_line(tmp_path, backend, precision, kv_dtype,
                                                                       message):
@@ -557,7 +556,7 @@ def test_fp16_kv_tensorrt_graphs_on_the_reference_backend_give_onnx_runtime_fp32
     assert backend.new_cache(1, 4).buffers[0].dtype == np.float16
     reference = Pipeline(engine, manifest, backend)
     ort = Pipeline.load(engine, backend="ort")
-    assert ort.backend.new_cache(1, 4).buffers[0].dtype == np.float32  # the ORT graph keeps its own
+    assert ort.backend.new_cache(1, 4).buffers[0].dtype == np.float16  # --kv-dtype holds for both targets
     prompts = ["Describe this image.", "Hi"]
     images = [[random_image(64, 96, seed=1)], []]
     greedy = dict(do_sample=False, logprobs=5, max_new_tokens=8)
