@@ -103,7 +103,7 @@ class WindowedCache:
         self.cache: KVCache = backend.new_cache(batch.batch, self.capacity)
         self.slots = np.zeros(batch.batch, dtype=np.int64)
         self.tokens = np.full((batch.batch, self.capacity), -1, dtype=np.int64)
-        self.evictions = 0  # moves made (rows x times): reuse of this cache's keys as a prefix is not possible once > 0
+        self.evictions = 0  # moves made, over all rows
 
     def make_room(self, r: int, new: int) -> None:
         """Evicts row r's oldest non-sink tokens, if `new` more would not fit, keeping the newest W."""

@@ -347,3 +347,17 @@ def test_windowed_logits_equal_a_masked_full_attention_reference(pipe, torch_pip
     wrong_sinks = masked_logits(model, sequence, positions, visual, deepstack, no_sinks)[queries]
     for wrong in (wrong_positions, wrong_sinks):
         assert np.abs(logits[:-1] - wrong).max() > 20 * max(error, 1e-5)
+
+
+# -- the fidelity bench -----------------------------------------------------------------------------
+
+def test_fidelity_bench_scores_no_loss_for_a_window_that_holds_the_chunk(engine, tmp_path):
+    from bench.kv_window_fidelity import markdown, measure
+
+    text = tmp_path / "text.txt"
+    text.write_text(long_text(400, seed=9))
+    report = measure(engine, text, ctx=160, score_tokens=24, windows=[16, 512], threads=1)
+    full, small, large = report["rows"]
+    assert large["mean_kl"] < 1e-6 and large["top1_agreement"] == 1.0  # never evicts
+    assert small["mean_kl"] > 1e-3 and small["kv_bytes"] < full["kv_bytes"]
+    assert "| 16 (16) |" in markdown(report)
