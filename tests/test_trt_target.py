@@ -63,14 +63,15 @@ TRT_PARSER_OPS = {
 def engines(tmp_path_factory):
     """ORT-target engines: fp32, fp16, and INT4 decoder / INT8 vision with zero points and exact
     (accuracy_level=0) maths, so that the references can match them closely. The int4 one is built for
-    the TensorRT backend, whose vision INT8 is weight-only (MatMulNBits, the plugin's format)."""
+    the TensorRT backend, whose vision INT8 is weight-only (MatMulNBits, the plugin's format); its
+    decoder is mixed: the tied head (default) and the 2 most sensitive linears at 8 bits."""
     root = tmp_path_factory.mktemp("trt_target")
     checkpoint = write_preset("tiny", root / "checkpoint", seed=3)
     return {
         "fp32": build_engine(checkpoint, root / "fp32", precision="fp32"),
         "fp16": build_engine(checkpoint, root / "fp16", precision="fp16"),
         "int4": build_engine(checkpoint, root / "int4", backend="trt", precision="int4", symmetric=False,
-                             accuracy_level=0, vision_precision="int8"),
+                             accuracy_level=0, vision_precision="int8", keep_sensitive=2),
     }
 
 
@@ -256,7 +257,10 @@ def test_weight_gemm_pass_retypes_the_packed_bytes_as_int32_words(convert, engin
     model = onnx.load(str(path), load_external_data=False)
     gathers = plugin_nodes(path, "Qwen3VLQuantizedGather")
     assert len(gathers) == 1 and op_counts(path)["GatherBlockQuantized"] == 0
-    assert attrs(gathers[0])["bits"] == 4 and attrs(gathers[0])["has_zero_points"] == 1
+    assert attrs(gathers[0])["bits"] == 8 and attrs(gathers[0])["has_zero_points"] == 1  # the 8-bit head
+    # Each plugin node keeps its own weight's format: 4 bits, and 8 for the head and the sensitive two.
+    formats = collections.Counter(attrs(n)["bits"] for n in plugin_nodes(path, "Qwen3VLWeightOnlyGemm"))
+    assert formats == {4: 7 * LAYERS - 2, 8: 3}
     table = gathers[0].input[0]
     lm_head = [n for n in model.graph.node if n.op_type == "Qwen3VLWeightOnlyGemm" and n.input[1] == table]
     assert len(lm_head) == 1  # the tied lm_head reads the same initializer: one Constant layer in TensorRT
