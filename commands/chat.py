@@ -8,8 +8,8 @@ Lines starting with `/` are commands (HELP). Choices a user may need to know:
   in the middle of reading a long prompt); the part already printed stays in the conversation as the
   answer, as it stays on the screen. Stopped before any text: the turn is dropped.
 - Ctrl-C at the prompt clears the line; Ctrl-D (end of input) or /quit leaves, with status 0.
-- A turn that fails (a conversation longer than the engine's context, an image gone since it was
-  attached, memory) prints one `error:` line and leaves the conversation as it was before the turn;
+- A turn that fails (a conversation longer than the engine's context without --kv-window, an image
+  gone since it was attached, memory) prints one `error:` line and leaves the conversation as it was before the turn;
   the images attached for it are dropped with it.
 - With stdin and stdout on a terminal: a prompt, line editing and history (stdlib readline, when
   the platform has it; history in ~/.qwen3vl_chat_history unless --no-history), and control
@@ -51,6 +51,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--system", help="system prompt")
     generation_options.add_arguments(parser)
     parser.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
+    parser.add_argument("--kv-window", type=int, metavar="W",
+                        help="keep answering once the conversation outgrows the engine's context, with a bounded KV "
+                             "cache: the system prompt and images plus the most recent W tokens (default: refuse, "
+                             "and /reset starts over)")
     parser.add_argument("--verify", action="store_true",
                         help="check every engine file against the manifest's SHA-256 hashes before loading")
     parser.add_argument("--history", default=HISTORY, help=f"line history file (default {HISTORY})")
@@ -64,6 +68,8 @@ def chat(args) -> int:
             stream.reconfigure(errors="replace")
     options = generation_options.options(args)
     pipe = backend_choice.open_pipeline(args, engine=args.engine)
+    if args.kv_window is not None:
+        pipe.use_kv_window(args.kv_window)
     session = ChatSession(pipe, options, Conversation(args.system), sys.stdin.isatty() and sys.stdout.isatty())
     for path in args.image:
         session.attach(path)  # a bad --image is the command's one-line error
@@ -154,7 +160,8 @@ class ChatSession:
         tokens, context = self.prompt_tokens(messages), self.pipe.manifest.max_context
         if tokens >= context and getattr(self.pipe, "kv_window", None) is None:
             raise PromptError(f"the conversation would be {tokens} tokens, more than this engine's context of "
-                              f"{context}: /reset starts a new one (or rebuild with a larger --max-context)")
+                              f"{context}: /reset starts a new one (or chat with --kv-window W, or rebuild with a "
+                              f"larger --max-context)")
         cached_before = _cached_tokens(self.pipe)
         start = time.perf_counter()
         pieces = self.pipe.stream(messages, **self.options)
@@ -242,7 +249,7 @@ class ChatSession:
         last = self.last_turn
         if last:
             first = "no text" if last["first_text"] is None else f"first text after {last['first_text']:.2f} s"
-            cached = "" if last["cached_tokens"] is None else f", {last['cached_tokens']} of them from the cache"
+            cached = f", {last['cached_tokens']} of them from the cache" if last["cached_tokens"] else ""
             self.note(f"last answer: {last['prompt_tokens']} prompt tokens{cached}; {first}, "
                       f"{last['seconds']:.2f} s in all{' (stopped)' if last['stopped'] else ''}")
 

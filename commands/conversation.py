@@ -83,6 +83,7 @@ def _check_message(message, path: str) -> None:
             if isinstance(part, dict) and part.get("type") == "image" and isinstance(part.get("image"), str) \
                     and os.path.isabs(part["image"]):
                 continue
-            raise PromptError(f"{path}: a user message part must be text or an image by absolute path; got {part!r:.80}")
+            raise PromptError(f"{path}: a user message part must be text or an image by absolute path; "
+                              f"got {part!r:.80}")
         return
     raise PromptError(f"{path}: the content of a {message['role']} message must be text; got {content!r:.80}")

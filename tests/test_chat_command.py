@@ -54,7 +54,8 @@ def answer(pipe, messages, new_tokens=NEW_TOKENS) -> str:
 
 
 def user(text, *images) -> dict:
-    return {"role": "user", "content": [{"type": "image", "image": i} for i in images] + [{"type": "text", "text": text}]}
+    images = [{"type": "image", "image": i} for i in images]
+    return {"role": "user", "content": images + [{"type": "text", "text": text}]}
 
 
 def assistant(text) -> dict:
@@ -247,23 +248,48 @@ def test_a_stopped_answer_releases_the_pipeline(pipe, presses):
     assert other, "another thread could not take the pipeline after the answer was stopped"
 
 
-def test_piped_stdin_gives_the_answers_alone_and_refuses_a_conversation_beyond_the_context(engine, pipe, image,
+SMALL_CONTEXT = 512  # the engine tests/test_kv_window.py builds: a conversation outgrows it quickly
+
+
+def piped_chat(engine, lines, *options) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "commands", "chat", "--engine", engine, "--backend", "ort",
+                           "--greedy", "--max-new-tokens", str(NEW_TOKENS), *options], input="\n".join(lines),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_piped_stdin_gives_the_answers_alone_and_refuses_a_conversation_beyond_the_context(tiny_engine, image,
                                                                                           tmp_path):
+    engine = tiny_engine("gqa2-tied", max_context=SMALL_CONTEXT)
+    pipe = Pipeline.load(engine, backend="ort")
     first = answer(pipe, [user("Hello there.", image)])
-    too_long = "word " * (pipe.manifest.max_context + 10)
+    too_long = "word " * SMALL_CONTEXT
     second = answer(pipe, [user("Hello there.", image), assistant(first), user("Thanks.")])
     saved = tmp_path / "chat.json"
-    lines = [f"/image {image}", "Hello there.", too_long, "Thanks.", f"/save {saved}", "/reset", f"/load {saved}",
-             "//slash", ""]
-    third = answer(pipe, [user("Hello there.", image), assistant(first), user("Thanks."), assistant(second),
-                          user("/slash")])
-    result = subprocess.run([sys.executable, "-m", "commands", "chat", "--engine", engine, "--backend", "ort",
-                             "--greedy", "--max-new-tokens", str(NEW_TOKENS)], input="\n".join(lines),
-                            capture_output=True, text=True, timeout=120)
+    third = pipe.generate([user("Hello there.", image), assistant(first), user("Thanks."), assistant(second),
+                           user("/slash")], max_new_tokens=NEW_TOKENS, do_sample=False)
+    result = piped_chat(engine, [f"/image {image}", "Hello there.", too_long, "Thanks.", f"/save {saved}", "/reset",
+                                 f"/load {saved}", "//slash", "/stats", ""])
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{first}\n{second}\n{third}\n"
+    assert result.stdout == f"{first}\n{second}\n{third.text}\n"
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "context" in errors[0] and "/reset" in errors[0], result.stderr
+    # /stats: the last turn's prompt as generate() counted it; where the Pipeline reuses prefixes, the
+    # tokens served from its cache, as generate() reported them for the same sequence of requests
+    cached = getattr(third, "cached_tokens", None)
+    expected = f"last answer: {third.prompt_tokens} prompt tokens" + (
+        "" if cached is None else f", {cached} of them from the cache" if cached else "")
+    assert "conversation: 3 turns" in result.stderr and expected + ";" in result.stderr, result.stderr
+
+
+def test_kv_window_answers_a_conversation_beyond_the_context(tiny_engine):
+    engine = tiny_engine("gqa2-tied", max_context=SMALL_CONTEXT)
+    pipe = Pipeline.load(engine, backend="ort", kv_window=64)
+    long_line = " ".join(["word"] * SMALL_CONTEXT)  # the chat strips the line's ends
+    first = answer(pipe, [user("Hello there.")])
+    second = answer(pipe, [user("Hello there."), assistant(first), user(long_line)])
+    result = piped_chat(engine, ["Hello there.", long_line], "--kv-window", "64")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{first}\n{second}\n"
 
 
 def test_a_bad_image_flag_is_a_one_line_error(engine, tmp_path):
