@@ -60,6 +60,8 @@ def summarise(report: dict, bandwidth: dict) -> dict:
         row[key] = round(report[key], 1) if key == "load_ms" else report[key]
     row.update(bandwidth)
     row["weight_bytes_per_token"] = report["weight_bytes_per_token"]
+    if "kv_bytes_per_token" in report:  # the engine's, in its stored type (qwen3vl build --kv-dtype)
+        row["kv_bytes_per_token"] = report["kv_bytes_per_token"]
     # Bytes per second the decode loop pulls from memory, as a fraction of what memory delivers.
     efficiency = row["weight_bytes_per_token"] * row["decode_tokens_per_s"] / (bandwidth["bandwidth_gb_s"] * 1e9)
     row["decode_efficiency"] = float(f"{efficiency:.4g}")
@@ -69,6 +71,8 @@ def summarise(report: dict, bandwidth: dict) -> dict:
                     for key in FIDELITY_KEYS})
     if "profile" in report:
         row["profile"] = report["profile"]
+    if "reuse" in report:
+        row["reuse"] = report["reuse"]
     return row
 
 
@@ -84,6 +88,8 @@ def table(rows: list[dict], image: str, runs: int, token_ids: list, bandwidth: d
     body = [[key] + [_number(row[key]) for row in rows] for key in FIGURES]
     body.append(["weight_mb_per_token"] + [_number(row["weight_bytes_per_token"] / 1e6) for row in rows])
     body.append(["decode_efficiency"] + [f"{row['decode_efficiency']:.3f}" for row in rows])
+    body.append(["kv_bytes_per_token"] + [str(row["kv_bytes_per_token"]) if "kv_bytes_per_token" in row else "-"
+                                          for row in rows])
     if "top1_agreement" in first:
         body.append(["top1_agreement"] + [f"{row['top1_agreement']:.4f}" if "top1_agreement" in row else "-"
                                           for row in rows])
@@ -101,6 +107,10 @@ def table(rows: list[dict], image: str, runs: int, token_ids: list, bandwidth: d
         differ = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
         lines.append("greedy tokens: identical" if differ is None and len(a) == len(b)
                      else f"greedy tokens: differ from new token {differ if differ is not None else min(len(a), len(b))}")
+    if "reuse" in first:
+        from bench.reuse import reuse_line
+
+        lines.append(reuse_line(first["reuse"]))
     if "profile" in first:
         for graph, summary in first["profile"].items():
             per = "per step" if graph == "decode" else "one run"

@@ -59,9 +59,14 @@ def bench_engine(args) -> dict:
         "token_ids": tokens,
         "load_ms": load_ms,
         "runs": runs[1:],
+        "kv_bytes_per_token": _kv_bytes_per_token(pipe),
         # Taken now: what follows (fidelity logits, profiling sessions) is measurement, not the engine.
         "peak_rss_mb": peak_rss_mb(),
     }
+    if args.reuse:
+        from bench.reuse import measure_reuse
+
+        report["reuse"] = measure_reuse(pipe, args.image, args.prompt, args.runs, args.min_pixels, args.max_pixels)
     if args.fidelity_out:
         report["fidelity"] = _fidelity_logits(pipe, args)
     if args.profile:
@@ -70,6 +75,15 @@ def bench_engine(args) -> dict:
         pipe.close()  # frees its sessions' weights before the profiling ones load their own
         report["profile"] = profile_engine(pipe.engine_dir, pipe.manifest, batch, args.threads)
     return report
+
+
+def _kv_bytes_per_token(pipe) -> int:
+    """Bytes the engine's KV cache stores per token (all layers, keys and values), in its stored type."""
+    import numpy as np
+
+    m = pipe.manifest.model
+    itemsize = np.dtype(getattr(pipe.backend, "kv_dtype", None) or pipe.backend.decoder_dtype).itemsize
+    return 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * itemsize
 
 
 def bench_reference(args) -> dict:
@@ -223,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fidelity-out", help="save teacher-forced logits here (.npz)")
     parser.add_argument("--positions", type=int, default=256)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--reuse", action="store_true")
     args = parser.parse_args(argv)
 
     from runtime.errors import Qwen3VLError

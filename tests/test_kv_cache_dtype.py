@@ -126,3 +126,15 @@ def test_tensorrt_builds_refuse_an_int8_kv_cache_in_one_line(tiny_checkpoints, t
                      "--backend", "trt", "--kv-dtype", "int8")
     assert_one_line_error(result, "--kv-dtype int8", "TensorRT", "fp32 or fp16")
     assert not (tmp_path / "engine").exists()
+
+
+def test_bench_reports_the_kv_bytes_per_token_of_the_stored_type(tiny_engine):
+    import json
+
+    engine = tiny_engine("gqa2-tied", kv_dtype="int8")
+    result = qwen3vl("bench", "--engine", engine, "--json", "--max-new-tokens", "2", "--threads", "1",
+                     "--image-size", "64x48")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout.splitlines()[0])
+    m = load_manifest(engine).model
+    assert row["kv_bytes_per_token"] == 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim  # 1 B each
