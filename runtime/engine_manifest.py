@@ -61,8 +61,8 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     graph_passes: list[str] = field(default_factory=list)
     generation_defaults: dict = field(default_factory=dict)  # the checkpoint's sampling defaults
-    # KV cache storage type the build asked for (fp32/fp16): the TensorRT graphs hold it, the ONNX
-    # Runtime graphs their own until they honour --kv-dtype. None: manifests from before the field.
+    # KV cache storage type the build wrote (fp32/fp16/int8; int8: ONNX Runtime graphs only, static
+    # scales whose granularity graph_passes records). None: manifests from before the field.
     kv_dtype: str | None = None
     # int8/int4 builds: how each weight was quantized and why ({"default": format, "tensors": {part:
     # {weight: {bits, block_size, symmetric, scale_search, reason, shape, bytes}}}, and "sensitivity"
