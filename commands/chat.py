@@ -12,10 +12,11 @@ Lines starting with `/` are commands (HELP). Choices a user may need to know:
   gone since it was attached, memory) prints one `error:` line and leaves the conversation as it was before the turn;
   the images attached for it are dropped with it.
 - With stdin and stdout on a terminal: a prompt, line editing and history (stdlib readline, when
-  the platform has it; history in ~/.qwen3vl_chat_history unless --no-history), and control
-  characters in answers shown as ^X rather than sent to the terminal. Otherwise (piped) there is no
-  prompt and answers are printed as they are, one after another, each ending with a newline; notes
-  and errors always go to stderr.
+  the platform has it; history in ~/.qwen3vl_chat_history unless --no-history). Otherwise (piped)
+  there is no prompt and answers are printed one after another, each ending with a newline; notes
+  and errors always go to stderr. Control characters in answers are shown as ^X when stdout is a
+  terminal (an answer must not move the cursor or send escape sequences), written as they are
+  otherwise.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class ChatSession:
 
     def __init__(self, pipe, options: dict, conversation: Conversation, interactive: bool):
         self.pipe, self.options, self.conversation, self.interactive = pipe, options, conversation, interactive
+        self.on_terminal = sys.stdout.isatty()
         self.last_turn: dict = {}
         self.commands = {"/image": self.command_image, "/reset": self.command_reset, "/save": self.command_save,
                          "/load": self.command_load, "/stats": self.command_stats, "/help": self.command_help}
@@ -98,7 +100,7 @@ class ChatSession:
     # -- output ----------------------------------------------------------------------------------
 
     def write(self, text: str) -> None:
-        sys.stdout.write(terminal_safe(text) if self.interactive else text)
+        sys.stdout.write(terminal_safe(text) if self.on_terminal else text)
         sys.stdout.flush()
 
     def note(self, line: str) -> None:
@@ -140,6 +142,8 @@ class ChatSession:
                     self.error(exc)
                 except OSError as exc:  # /save, /load on the user's files
                     self.error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc)
+                except KeyboardInterrupt:  # decoding a large image, say
+                    self.note("[interrupted]")
                 continue
             try:
                 self.turn(line[1:] if line.startswith("//") else line)
@@ -149,6 +153,8 @@ class ChatSession:
             except MemoryError:
                 self.error("out of memory (try a smaller --max-pixels, fewer images, or /reset)")
                 self.conversation.attached = []
+            except KeyboardInterrupt:  # before the answer began streaming: the turn is not taken
+                self.note("[interrupted]")
 
     def turn(self, text: str) -> None:
         """One user turn and its streamed answer, added to the conversation once answered (or stopped
