@@ -67,8 +67,14 @@ def chat(args) -> int:
     for stream in (sys.stdin, sys.stdout):  # an answer or a typed line the terminal's encoding lacks
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+    from runtime.errors import PromptError
+
     options = generation_options.options(args)
+    if args.max_new_tokens < 1:
+        raise PromptError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     pipe = backend_choice.open_pipeline(args, engine=args.engine)
+    # bad sampling values are the command's one-line error, not every turn's
+    pipe.sampling(*(options[k] for k in ("do_sample", "temperature", "top_p", "top_k", "seed")))
     if args.kv_window is not None:
         pipe.use_kv_window(args.kv_window)
     session = ChatSession(pipe, options, Conversation(args.system), sys.stdin.isatty() and sys.stdout.isatty())

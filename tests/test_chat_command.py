@@ -292,9 +292,12 @@ def test_kv_window_answers_a_conversation_beyond_the_context(tiny_engine):
     assert result.stdout == f"{first}\n{second}\n"
 
 
-def test_a_bad_image_flag_is_a_one_line_error(engine, tmp_path):
-    assert_one_line_error(qwen3vl("chat", "--engine", engine, "--backend", "ort", "--image", tmp_path / "nope.png"),
-                          "image file not found")
+@pytest.mark.parametrize("flags, fragment", [
+    (["--image", "nope.png"], "image file not found"),
+    (["--temperature", "nan"], "temperature"),
+])
+def test_bad_flags_are_a_one_line_error_before_the_chat_starts(engine, tmp_path, flags, fragment):
+    assert_one_line_error(qwen3vl("chat", "--engine", engine, "--backend", "ort", *flags, cwd=tmp_path), fragment)
 
 
 def test_terminal_safe_shows_control_characters_and_keeps_the_rest():
