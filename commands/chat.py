@@ -64,11 +64,11 @@ def add_parser(subparsers) -> None:
 
 
 def chat(args) -> int:
+    from runtime.errors import PromptError
+
     for stream in (sys.stdin, sys.stdout):  # an answer or a typed line the terminal's encoding lacks
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-    from runtime.errors import PromptError
-
     options = generation_options.options(args)
     if args.max_new_tokens < 1:
         raise PromptError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
