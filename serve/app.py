@@ -217,6 +217,13 @@ def parse_request(body, pipeline, config: ServerConfig) -> dict:
 
 # -- the app ---------------------------------------------------------------------------------------
 
+def usage_of(done: dict) -> dict:
+    """OpenAI's usage object; prompt tokens served from the prefix cache as prompt_tokens_details."""
+    return {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
+            "total_tokens": done["prompt_tokens"] + done["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": done.get("cached_tokens", 0)}}
+
+
 def create_app(pipeline=None, config: ServerConfig | None = None, loader=None):
     """The ASGI app over a loaded `pipeline`, or one `loader()` returns in a background thread
     (/health says 503 until it has)."""
@@ -269,8 +276,10 @@ def create_app(pipeline=None, config: ServerConfig | None = None, loader=None):
 
     async def metrics_route(request: Request):
         batcher = state["batcher"]
-        return PlainTextResponse(metrics.render(batcher.depth() if batcher else 0, batcher.running if batcher else 0),
-                                 media_type="text/plain; version=0.0.4")
+        pipe = state["pipeline"]
+        reuse = pipe.reuse_stats() if pipe is not None and hasattr(pipe, "reuse_stats") else None
+        return PlainTextResponse(metrics.render(batcher.depth() if batcher else 0, batcher.running if batcher else 0,
+                                                reuse), media_type="text/plain; version=0.0.4")
 
     async def chat_completions(request: Request):
         check_key(request)
@@ -370,9 +379,7 @@ def create_app(pipeline=None, config: ServerConfig | None = None, loader=None):
                             yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
                             continue
                         choice["finish_reason"] = payload["finish_reason"]
-                        usage = {"prompt_tokens": payload["prompt_tokens"],
-                                 "completion_tokens": payload["completion_tokens"],
-                                 "total_tokens": payload["prompt_tokens"] + payload["completion_tokens"]}
+                        usage = usage_of(payload)
                         yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [choice], 'usage': usage, 'timings': payload['timings']})}\n\n"
                         break
                     yield "data: [DONE]\n\n"
@@ -404,9 +411,7 @@ def create_app(pipeline=None, config: ServerConfig | None = None, loader=None):
                   "finish_reason": payload["finish_reason"],
                   "logprobs": {"content": logprob_content(job.logprob_items)} if parsed["want_logprobs"] else None}
         return JSONResponse({**base, "object": "chat.completion", "choices": [choice],
-                             "usage": {"prompt_tokens": payload["prompt_tokens"],
-                                       "completion_tokens": payload["completion_tokens"],
-                                       "total_tokens": payload["prompt_tokens"] + payload["completion_tokens"]},
+                             "usage": usage_of(payload),
                              "timings": payload["timings"]})
 
     async def on_api_error(request: Request, exc: ApiError):

@@ -167,6 +167,7 @@ class Batcher:
                         job.sent = len(job.text)
                     job.done = True
                     job.emit("done", {"finish_reason": reason, "prompt_tokens": int(lengths[r]),
+                                      "cached_tokens": _cached_tokens(timings, r),
                                       "completion_tokens": len(job.token_ids),
                                       "timings": {**timings.to_dict(), "backend": self.pipeline.backend.name,
                                                   "batch_rows": len(jobs)}})
@@ -180,8 +181,14 @@ class Batcher:
                     if len(job.text) > job.sent:
                         job.emit("text", job.text[job.sent:])
                     job.emit("done", {"finish_reason": "length", "prompt_tokens": int(lengths[r]),
+                                      "cached_tokens": _cached_tokens(timings, r),
                                       "completion_tokens": len(job.token_ids),
                                       "timings": {**timings.to_dict(), "backend": self.pipeline.backend.name,
                                                   "batch_rows": len(jobs)}})
         finally:
             steps.close()
+
+
+def _cached_tokens(timings: Timings, row: int) -> int:
+    """The row's prompt tokens served from the pipeline's prefix cache (0 before its prefill)."""
+    return int(timings.cached_tokens[row]) if row < len(timings.cached_tokens) else 0

@@ -33,7 +33,8 @@ class Metrics:
             self.ttft_count += 1
             self._recent.append((now, tokens))
 
-    def render(self, queue_depth: int, running: int) -> str:
+    def render(self, queue_depth: int, running: int, reuse: dict | None = None) -> str:
+        """`reuse`: the pipeline's prefix cache counts (Pipeline.reuse_stats), None when it has none."""
         now = time.monotonic()
         with self._lock:
             while self._recent and self._recent[0][0] < now - 60:
@@ -63,4 +64,31 @@ class Metrics:
                 "# TYPE qwen3vl_errors_total counter",
             ]
             lines += [f'qwen3vl_errors_total{{kind="{kind}"}} {n}' for kind, n in sorted(self.errors.items())]
+        if reuse is not None:
+            lines += _reuse_lines(reuse)
         return "\n".join(lines) + "\n"
+
+
+def _reuse_lines(reuse: dict) -> list[str]:
+    lines = [
+        "# HELP qwen3vl_prefix_cache_lookups_total Prompt rows looked up in the prefix cache, by input type and result.",
+        "# TYPE qwen3vl_prefix_cache_lookups_total counter",
+    ]
+    for kind in ("text", "image"):
+        lines += [f'qwen3vl_prefix_cache_lookups_total{{input="{kind}",result="{result}"}} {reuse[kind][key]}'
+                  for result, key in (("hit", "hits"), ("miss", "misses"))]
+    lines += ["# HELP qwen3vl_prefix_cache_cached_tokens_total Prompt tokens served from the prefix cache.",
+              "# TYPE qwen3vl_prefix_cache_cached_tokens_total counter"]
+    lines += [f'qwen3vl_prefix_cache_cached_tokens_total{{input="{kind}"}} {reuse[kind]["cached_tokens"]}'
+              for kind in ("text", "image")]
+    lines += ["# HELP qwen3vl_image_feature_cache_lookups_total Images looked up in the vision feature cache.",
+              "# TYPE qwen3vl_image_feature_cache_lookups_total counter"]
+    lines += [f'qwen3vl_image_feature_cache_lookups_total{{result="{result}"}} {reuse["image_features"][key]}'
+              for result, key in (("hit", "hits"), ("miss", "misses"))]
+    lines += ["# HELP qwen3vl_prefix_cache_bytes Bytes held by the prefix and image cache.",
+              "# TYPE qwen3vl_prefix_cache_bytes gauge",
+              f"qwen3vl_prefix_cache_bytes {reuse['bytes']}",
+              "# HELP qwen3vl_prefix_cache_evictions_total Entries evicted to stay within the budget.",
+              "# TYPE qwen3vl_prefix_cache_evictions_total counter",
+              f"qwen3vl_prefix_cache_evictions_total {reuse['evictions']}"]
+    return lines

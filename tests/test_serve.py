@@ -169,6 +169,29 @@ def test_models_health_and_metrics(server):
         assert name in text
 
 
+def test_a_follow_up_reports_its_cached_prompt_tokens_in_usage_and_metrics(server, pipe):
+    image = random_image(64, 64, seed=11)
+    first_chat = image_chat(image, "What is in this picture? Answer briefly.")
+    client = server.client()
+    first = client.chat.completions.create(model="qwen3vl", messages=first_chat, max_tokens=6, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    chat = first_chat + [{"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": "And the colours?"}]
+    expected = pipe.generate(runtime_chat(image, "What is in this picture? Answer briefly.")
+                             + chat[1:], max_new_tokens=6, do_sample=False)  # the server's entry is reused here too
+    chunks = list(client.chat.completions.create(model="qwen3vl", messages=chat, max_tokens=6, temperature=0,
+                                                 stream=True))
+    cached = chunks[-1].usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens - 1 <= cached < chunks[-1].usage.prompt_tokens
+    assert expected.cached_tokens > 0
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    metrics = httpx.get(server.url + "/metrics").text
+    hits = [line for line in metrics.splitlines()
+            if line.startswith('qwen3vl_prefix_cache_lookups_total{input="image",result="hit"}')]
+    assert hits and int(hits[0].split()[-1]) >= 2
+    assert "qwen3vl_image_feature_cache_lookups_total" in metrics and "qwen3vl_prefix_cache_bytes" in metrics
+
+
 @pytest.mark.parametrize("case, status, fragment", [
     ("wrong key", 401, "API key"),
     ("n=2", 400, "n=1"),
