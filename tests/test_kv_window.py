@@ -137,6 +137,20 @@ def test_batched_rows_answer_as_they_do_alone_under_a_window(pipe):
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
 
 
+def test_a_windowed_row_is_not_stored_for_prefix_reuse(pipe):
+    prompt = long_text(600, seed=10)
+    assert pipe.prefix_cache is not None  # reuse is on by default
+    pipe.prefix_cache.clear()
+    try:
+        windowed(pipe, 64)
+        first = pipe.generate(prompt, max_new_tokens=4, **GREEDY)
+        again = pipe.generate(prompt, max_new_tokens=4, **GREEDY)
+    finally:
+        pipe.kv_window = None
+    assert pipe.prefix_cache.stats()["entries"] == 0 and again.cached_tokens == 0
+    assert again.token_ids == first.token_ids
+
+
 # -- errors ---------------------------------------------------------------------------------------
 
 def test_sinks_longer_than_the_window_are_refused(pipe, engine, tmp_path):
