@@ -1,0 +1,134 @@
+"""Per-tensor precision in `qwen3vl build`: the 8-bit head of int4 builds and --head-bits, the
+manifest's per-weight records, --keep-sensitive choosing the linears whose quantization moves the
+output most (checked on a checkpoint where one linear is made sensitive on purpose), and the
+one-line refusals. That mixed engines compute what their dequantized weights say is
+tests/test_quantized_vs_dequantized.py; that the TensorRT-target graphs keep each weight's format,
+tests/test_trt_target.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from conftest import assert_one_line_error, qwen3vl
+from export.sensitivity import linear_sensitivities, most_sensitive
+from graph_passes.quantize_weights import WeightFormat
+from runtime.engine_manifest import load_manifest
+
+HEAD = "language_model.embed_tokens.weight"
+# The linear made sensitive on purpose: not in the first layer, whose attention is the most sensitive
+# part of the untouched tiny checkpoint.
+BOOSTED = "language_model.layers.2.mlp.up_proj.weight"
+
+
+def decoder_records(engine) -> dict[str, dict]:
+    return load_manifest(engine).quantization["tensors"]["decoder"]
+
+
+def test_int4_keeps_the_tied_head_at_8_bits_by_default_and_records_every_weight(tiny_engine):
+    engine = tiny_engine("gqa2-tied", precision="int4")
+    manifest = load_manifest(engine)
+    assert manifest.quantization["default"] == {"bits": 4, "block_size": 64, "symmetric": True,
+                                                "scale_search": "clip"}
+    records = decoder_records(engine)
+    assert len(records) == 7 * 4 + 1
+    assert records[HEAD]["bits"] == 8 and records[HEAD]["reason"] == "head"
+    others = [r for name, r in records.items() if name != HEAD]
+    assert {(r["bits"], r["reason"], r["scale_search"]) for r in others} == {(4, "default", "clip")}
+    # Bytes: codes, scales (fp32, one per block) and no zero points (symmetric).
+    for record in records.values():
+        n, k = record["shape"]
+        blocks = -(-k // record["block_size"])
+        assert record["bytes"] == n * blocks * (record["block_size"] * record["bits"] // 8 + 4)
+    assert "sensitivity" not in manifest.quantization
+
+
+def test_head_bits_4_and_untied_heads(tiny_engine):
+    records = decoder_records(tiny_engine("gqa2-tied", precision="int4", head_bits=4))
+    assert {(r["bits"], r["reason"]) for r in records.values()} == {(4, "default")}
+    untied = decoder_records(tiny_engine("gqa6-untied", precision="int4"))
+    # An untied lm_head is the head; its embedding is a table read one row per token, 8 bits too.
+    assert untied["lm_head.weight"]["bits"] == 8 and untied["lm_head.weight"]["reason"] == "head"
+    assert untied[HEAD]["reason"] == "head"
+    int8 = decoder_records(tiny_engine("gqa2-tied", precision="int8"))
+    assert {(r["bits"], r["reason"]) for r in int8.values()} == {(8, "default")}
+
+
+def test_fp32_engines_have_no_quantization_record(tiny_engine):
+    assert load_manifest(tiny_engine("gqa2-tied")).quantization is None
+
+
+@pytest.fixture(scope="module")
+def boosted_checkpoint(tiny_checkpoints, tmp_path_factory):
+    """The tiny checkpoint with one linear that 4 bits cannot hold and that computes what it did: the
+    norm before layer 2's MLP zeroes every 16th input channel, and up_proj's weights on those
+    channels become outliers of 40 standard deviations. The function is unchanged (they multiply
+    zeros), but each block's scale now follows its outlier: at 4 bits (steps of ~5 sigma) nearly
+    every other weight rounds to zero; at 8 bits (~0.3 sigma) they survive."""
+    out = tmp_path_factory.mktemp("boosted") / "checkpoint"
+    shutil.copytree(tiny_checkpoints["gqa2-tied"], out)
+    tensors = load_file(str(out / "model.safetensors"))
+    weight, norm = f"model.{BOOSTED}", "model.language_model.layers.2.post_attention_layernorm.weight"
+    w, gain = tensors[weight].float(), tensors[norm].float()
+    w[:, ::16] = 40 * w.std()
+    gain[::16] = 0
+    tensors[weight], tensors[norm] = w.to(tensors[weight].dtype), gain.to(tensors[norm].dtype)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_sensitivity_ranks_the_boosted_linear_first(tiny_checkpoints, boosted_checkpoint):
+    form = WeightFormat(4, 32, True, "clip")
+    plain = linear_sensitivities(tiny_checkpoints["gqa2-tied"], form)
+    boosted = linear_sensitivities(boosted_checkpoint, form)
+    assert len(plain) == len(boosted) == 7 * 4 and all(value >= 0 for value in plain.values())
+    assert most_sensitive(plain, 1) != [BOOSTED]
+    assert most_sensitive(boosted, 1) == [BOOSTED]
+    assert boosted[BOOSTED] > 5 * max(value for name, value in boosted.items() if name != BOOSTED)
+    # The model computes what it did (the outliers multiply zeros): the other linears' sensitivities
+    # are the same as in the plain checkpoint.
+    for name in ("language_model.layers.0.self_attn.v_proj.weight", "language_model.layers.3.mlp.down_proj.weight"):
+        assert boosted[name] == pytest.approx(plain[name], rel=2e-2)  # (measured: within 0.5%)
+    # At 8 bits the outliers leave the other weights a fine grid.
+    eight = linear_sensitivities(boosted_checkpoint, WeightFormat(8, 32, True, "clip"))
+    assert eight[BOOSTED] < boosted[BOOSTED] / 20
+
+
+def test_keep_sensitive_keeps_the_boosted_linear_at_8_bits_and_logs_why(boosted_checkpoint, tmp_path):
+    result = qwen3vl("build", "--checkpoint", str(boosted_checkpoint), "--out", str(tmp_path / "engine"),
+                     "--precision", "int4", "--block-size", "32", "--keep-sensitive", "2")
+    assert result.returncode == 0, result.stderr
+    assert "sensitivity: layer 3 done (28/28 linears" in result.stderr
+    assert "kept at 8 bits: layers.2.mlp.up_proj" in result.stderr
+    quantization = load_manifest(tmp_path / "engine").quantization
+    sensitivity = quantization["sensitivity"]
+    assert sensitivity["kept"][0] == BOOSTED and len(sensitivity["kept"]) == 2
+    assert set(sensitivity["kl"]) == {f"language_model.layers.{i}.{linear}.weight" for i in range(4)
+                                      for linear in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                     "mlp.down_proj")}
+    records = quantization["tensors"]["decoder"]
+    kept = {name for name, r in records.items() if r["reason"] == "sensitive"}
+    assert kept == set(sensitivity["kept"]) and all(records[name]["bits"] == 8 for name in kept)
+    # The manifest keeps what the build measured, readable as JSON by tools.
+    raw = json.loads((tmp_path / "engine" / "manifest.json").read_text())
+    assert raw["quantization"]["sensitivity"]["kept"] == sensitivity["kept"]
+
+
+@pytest.mark.parametrize("arguments,fragments", [
+    (["--precision", "int8", "--keep-sensitive", "2"], ["--keep-sensitive", "--precision int4"]),
+    (["--precision", "fp32", "--head-bits", "8"], ["--head-bits", "fp32"]),
+    (["--precision", "int4", "--keep-sensitive", "-1"], ["--keep-sensitive -1"]),
+    (["--precision", "int4", "--scale-search", "mse"], ["--scale-search", "invalid choice"]),
+])
+def test_bad_quantization_options_are_refused_in_one_line(tiny_checkpoints, tmp_path, arguments, fragments):
+    result = qwen3vl("build", "--checkpoint", str(tiny_checkpoints["gqa2-tied"]), "--out", str(tmp_path / "e"),
+                     *arguments)
+    if "invalid choice" in fragments:  # argparse's own refusal
+        assert result.returncode == 2 and all(f in result.stderr for f in fragments), result.stderr
+        return
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "e").exists()
