@@ -51,8 +51,8 @@ class Pipeline:
 
     `cache_memory`: bytes for reusing the KV of recent conversations and the features of recent
     images (runtime/prefix_cache.py); None: 1 GiB or an eighth of the available memory where less;
-    0: no reuse. Reused KV needs a backend whose cache offers read_prefix/write_prefix (not TensorRT's
-    yet: there only image features are reused).
+    0: no reuse. Reused KV needs a backend whose cache offers read_prefix/write_prefix (all of the
+    runtime's do; with another backend's cache only image features are reused).
     """
 
     max_batch = 64  # prompts per call

@@ -158,9 +158,11 @@ def _numpy_dtype(trt_dtype) -> np.dtype:
 class TrtKVCache:
     """Rows [first_row, first_row + batch) of a KV slab; `row(r)` is a view of one row (no copy)."""
 
-    def __init__(self, slab: DeviceBuffer, layout: KVLayout, first_row: int = 0, batch: int | None = None):
+    def __init__(self, slab: DeviceBuffer, layout: KVLayout, first_row: int = 0, batch: int | None = None,
+                 stream: int = 0, dtype=None):
         self.slab, self.layout, self.first_row = slab, layout, first_row
         self.batch = layout.batch if batch is None else batch
+        self.stream, self.dtype = stream, np.dtype(dtype or f"V{layout.itemsize}")  # copies for prefix reuse
         self.capacity = layout.capacity
         self.steps: _DecodeGroups | None = None  # the decode loop's bindings and CUDA graphs, made on first use
 
@@ -174,10 +176,34 @@ class TrtKVCache:
     def rows(self, start: int, stop: int) -> "TrtKVCache":
         if not 0 <= start < stop <= self.batch:
             raise IndexError(f"rows {start}:{stop} of a cache of {self.batch}")
-        return TrtKVCache(self.slab, self.layout, self.first_row + start, stop - start)
+        return TrtKVCache(self.slab, self.layout, self.first_row + start, stop - start, self.stream, self.dtype)
 
     def row(self, r: int) -> "TrtKVCache":
         return self.rows(r, r + 1)
+
+    def read_prefix(self, n: int) -> list[np.ndarray]:
+        """Token positions [0, n) of the first row, copied to the host (prefix reuse)."""
+        arrays = [np.empty((1, self.layout.kv_heads, n, self.layout.head_dim), self.dtype)
+                  for _ in range(self.layout.buffers)]
+        self._copy_prefix(arrays, to_device=False)
+        return arrays
+
+    def write_prefix(self, arrays: list[np.ndarray]) -> None:
+        self._copy_prefix([np.ascontiguousarray(a) for a in arrays], to_device=True)
+
+    def _copy_prefix(self, arrays: list[np.ndarray], to_device: bool) -> None:
+        """One copy per buffer and head: a head's first n tokens are contiguous in the slab."""
+        layout, cuda = self.layout, self.slab.cuda
+        head_bytes = layout.capacity * layout.head_dim * layout.itemsize
+        for address, array in zip(self.addresses(), arrays, strict=True):
+            nbytes = array.shape[2] * layout.head_dim * layout.itemsize
+            for h in range(layout.kv_heads):
+                host, device = array[0, h].ctypes.data, address + h * head_bytes
+                if to_device:
+                    cuda.copy_to_device(device, host, nbytes, self.stream)
+                else:
+                    cuda.copy_to_host(host, device, nbytes, self.stream)
+        cuda.synchronize(self.stream)  # pageable host arrays: done before they are read or freed
 
     def move(self, start: int, stop: int, to: int) -> None:
         raise Qwen3VLError(KV_WINDOW_REFUSAL)
@@ -404,7 +430,7 @@ class TrtBackend:
                                f"shorter prompt or --max-new-tokens)")
         slab = DeviceBuffer(self.cuda, layout.nbytes)
         self.cuda.memset(slab.ptr, 0, layout.nbytes, self.stream)
-        return TrtKVCache(slab, layout)
+        return TrtKVCache(slab, layout, stream=self.stream, dtype=self.kv_dtype)
 
     def _bind_cache(self, context, cache: TrtKVCache) -> None:
         m, b = self.manifest.model, cache.batch

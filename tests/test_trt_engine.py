@@ -1152,6 +1152,43 @@ def test_backend_rows_beyond_the_plans_batch(fake_trt, engine_copy):
     assert tokens[2, :4].tolist() == [300, 30, 31, 32] and tokens[1, :6].tolist() == [200, 201, 202, 20, 21, 22]
 
 
+def test_cache_prefix_copies_out_of_and_into_device_rows(fake_trt, engine_copy):
+    """Prefix reuse on the GPU: a row's first n tokens come out in the cache's dtype and go into
+    another cache's row, every layer and head, leaving the rest of that row alone."""
+    fake, cuda = fake_trt("8.6.1", MX250)
+    manifest = load_manifest(engine_copy)
+    backend = TrtBackend(engine_copy, manifest, PlanSettings(max_batch=2), cuda=cuda, progress=lambda message: None)
+    source, target = backend.new_cache(2, 8), backend.new_cache(3, 8)
+    layout = source.layout
+    shape = (layout.buffers, layout.batch, layout.kv_heads, layout.capacity, layout.head_dim)
+    _array(source.slab.ptr, shape, backend.kv_dtype)[...] = np.arange(np.prod(shape)).reshape(shape) % 1000
+    stored = source.row(1).read_prefix(5)
+    assert len(stored) == layout.buffers and stored[0].dtype == backend.kv_dtype
+    slab = _array(source.slab.ptr, shape, backend.kv_dtype)
+    for i, array in enumerate(stored):
+        np.testing.assert_array_equal(array[0], slab[i, 1, :, :5])
+    target.row(2).write_prefix([a[:, :, :4] for a in stored])
+    written = _array(target.slab.ptr, (layout.buffers, 3, layout.kv_heads, layout.capacity, layout.head_dim),
+                     backend.kv_dtype)
+    np.testing.assert_array_equal(written[:, 2, :, :4], slab[:, 1, :, :4])
+    assert not written[:, :2].any() and not written[:, 2, :, 4:].any()
+
+
+def test_pipeline_reuses_prefixes_on_the_backend(fake_trt, engine_copy):
+    from runtime import Pipeline
+
+    fake, cuda = fake_trt("8.6.1", MX250)
+    manifest = load_manifest(engine_copy)
+    backend = TrtBackend(engine_copy, manifest, PlanSettings(prefill_chunk=8), vision_on_gpu=False, cuda=cuda,
+                         progress=lambda message: None)
+    pipe = Pipeline(engine_copy, manifest, backend)
+    prompt = "Tell me a short story about a lighthouse keeper."
+    cold = pipe.generate(prompt, max_new_tokens=3, do_sample=False)
+    warm = pipe.generate(prompt, max_new_tokens=3, do_sample=False)
+    assert (cold.cached_tokens, warm.cached_tokens) == (0, warm.prompt_tokens - 1)
+    assert warm.token_ids == cold.token_ids
+
+
 def test_backend_refuses_caches_that_do_not_fit(fake_trt, engine_copy):
     fake, cuda = fake_trt("8.6.1", MX250, free=100 << 20)
     manifest = load_manifest(engine_copy)
