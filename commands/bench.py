@@ -77,6 +77,9 @@ def add_parser(subparsers) -> None:
                       help="save the reference's scored log-probabilities (.npz; the --engine's without --reference)")
     parser.add_argument("--profile", action="store_true",
                         help="ONNX Runtime's per-op profile of the vision encoder, the prefill and decode")
+    parser.add_argument("--reuse", action="store_true",
+                        help="also time a ~20-token follow-up question about the same image, cold (no cache) and "
+                             "warm (prefix and image reuse), and report the cache's hits and misses")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to decode, greedy (default 32)")
     parser.add_argument("--threads", type=int, help="CPU threads for both systems (default: one per physical core)")
     parser.add_argument("--runs", type=int, default=1, help="timed runs after one warm-up; medians are reported")
@@ -146,6 +149,8 @@ def run(args) -> int:
             engine_args += ["--fidelity-out", str(Path(scratch) / "engine.npz"), "--positions", str(args.positions)]
         if args.profile:
             engine_args.append("--profile")
+        if args.reuse:
+            engine_args.append("--reuse")
         reports = [run_worker("engine", engine_args)]
         reports[0]["weight_bytes_per_token"] = decoder_weight_bytes(args.engine, manifest)
         if args.reference is not None:
