@@ -67,10 +67,6 @@ def bench_engine(args) -> dict:
         from bench.reuse import measure_reuse
 
         report["reuse"] = measure_reuse(pipe, args.image, args.prompt, args.runs, args.min_pixels, args.max_pixels)
-    if args.reuse:
-        from bench.reuse import measure_reuse
-
-        report["reuse"] = measure_reuse(pipe, args.image, args.prompt, args.runs, args.min_pixels, args.max_pixels)
     if args.fidelity_out:
         report["fidelity"] = _fidelity_logits(pipe, args)
     if args.profile:
@@ -241,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fidelity-out", help="save teacher-forced logits here (.npz)")
     parser.add_argument("--positions", type=int, default=256)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--reuse", action="store_true")
     args = parser.parse_args(argv)
 
