@@ -4,6 +4,7 @@ efficiency, fidelity against a reference engine, per-op profiles, and one-line e
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -190,12 +191,16 @@ def test_int4_against_fp32_with_profile(tiny, tiny_int4):
 def test_profile_and_fidelity_in_the_table(tiny):
     _, engine = tiny
     proc = bench("--engine", str(engine), "--reference", str(engine), "--profile", "--positions", "16",
-                 "--max-new-tokens", "2", "--threads", "1")
+                 "--max-new-tokens", "2", "--threads", "1", "--reuse")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for text in ("memory read bandwidth", "decode_efficiency", "top1_agreement", "16 teacher-forced positions",
                  "profile vision", "profile prefill", "profile decode", "MatMul"):
         assert text in out, out
+    # --reuse: the follow-up question reuses the first turn (image included) and answers as cold
+    reuse = re.search(r"follow-up question \((\d+) new tokens after (\d+) from the cache\): TTFT cold [\d.]+ ms, "
+                      r"warm [\d.]+ ms \([\d.]+x\), first token the same; cache hits/misses text 0/0, image 1/1", out)
+    assert reuse and int(reuse[1]) >= 20 and int(reuse[2]) > 20, out
 
 
 def test_bandwidth_is_bytes_over_the_best_pass_time_in_gb_per_s(monkeypatch):
