@@ -48,6 +48,15 @@ def weight_bytes_per_parameter(precision: str, block_size: int = 64, symmetric: 
     return bits / 8 + SCALE_BYTES / block_size + (0 if symmetric else bits / 8 / block_size)
 
 
+def _recorded_decoder_parameters(manifest, decoder_bytes: int) -> int | None:
+    """Quantized weights from their records (shape), the rest of the decoder's bytes as float32."""
+    records = (getattr(manifest, "quantization", None) or {}).get("tensors", {}).get("decoder")
+    if not records:
+        return None
+    quantized = sum(r["shape"][0] * r["shape"][1] for r in records.values())
+    return quantized + max(0, decoder_bytes - sum(r["bytes"] for r in records.values())) // FLOAT
+
+
 @dataclass(frozen=True)
 class EngineFacts:
     """What the plan needs of an engine: built from a manifest, or stated (tests, planning a build)."""
@@ -65,6 +74,9 @@ class EngineFacts:
     block_size: int = 64
     symmetric: bool = True
     vision_precision: str = "fp32"  # fp32, fp16 or int8 (the default of int8/int4 builds)
+    # Decoder weights counted from the manifest's per-weight quantization record (mixed-precision
+    # builds: an 8-bit head in an int4 build); None: derived from the bytes and the precision.
+    decoder_parameter_count: int | None = None
 
     @classmethod
     def from_manifest(cls, manifest) -> "EngineFacts":
@@ -88,7 +100,8 @@ class EngineFacts:
         image = manifest.image_processor
         return cls(manifest.model, manifest.precision, part_bytes("decoder"), part_bytes("vision"),
                    manifest.max_context, image.max_pixels, image.patch_size, image.temporal_patch_size,
-                   image.merge_size, kv, int(block.group(1)) if block else 64, ":asym" not in quantized, vision)
+                   image.merge_size, kv, int(block.group(1)) if block else 64, ":asym" not in quantized, vision,
+                   _recorded_decoder_parameters(manifest, part_bytes("decoder")))
 
     # -- shapes ----------------------------------------------------------------------------------
 
@@ -107,6 +120,8 @@ class EngineFacts:
 
     @property
     def decoder_parameters(self) -> int:
+        if self.decoder_parameter_count is not None:
+            return self.decoder_parameter_count
         return round(self.decoder_weight_bytes / self.bytes_per_parameter)
 
     @property
@@ -119,6 +134,7 @@ class EngineFacts:
         vision = "int8" if precision in ("int8", "int4") else precision
         per = weight_bytes_per_parameter
         return replace(self, precision=precision, symmetric=True, kv_dtype=None, vision_precision=vision,
+                       decoder_parameter_count=self.decoder_parameters,
                        decoder_weight_bytes=round(self.decoder_parameters * per(precision, self.block_size)),
                        vision_weight_bytes=round(self.vision_parameters * per(vision, self.block_size)))
 

@@ -132,3 +132,19 @@ def test_bad_quantization_options_are_refused_in_one_line(tiny_checkpoints, tmp_
         return
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "e").exists()
+
+
+def test_memory_plan_counts_a_mixed_engines_parameters_from_its_records(tiny_checkpoints, tiny_engine):
+    """The 8-bit head makes bytes / (int4 bytes per weight) overcount the weights ~1.7x on this tiny
+    model; the plan counts them from the records instead (its estimates for other precisions use it)."""
+    from model_src.config import load_config
+    from model_src.model import Qwen3VL
+    from runtime.memory_plan import EngineFacts
+    import torch
+
+    with torch.device("meta"):
+        model = Qwen3VL(load_config(tiny_checkpoints["gqa2-tied"]))
+    true = sum(p.numel() for p in model.language_model.parameters())
+    facts = EngineFacts.from_manifest(load_manifest(tiny_engine("gqa2-tied", precision="int4")))
+    assert facts.decoder_parameters == pytest.approx(true, rel=0.02)
+    assert facts.rebuilt("fp32").decoder_weight_bytes == pytest.approx(4 * true, rel=0.02)
