@@ -32,6 +32,9 @@ import numpy as np
 from runtime.backend import DecoderChunk
 from runtime.errors import PromptError, Qwen3VLError
 
+# llama-perplexity keeps the base log-probs in 16 bits over [max - 16, max] and sums its KL only
+# over those above -16 nats; `llama_mean_kl` sums the same way, to show what that leaves out.
+LLAMA_LOG_PROB_FLOOR = -16.0
 FORMAT = "qwen3vl-text-reference"
 FORMAT_VERSION = 1
 
@@ -232,6 +235,7 @@ class PositionScores:
     """Per scored position, over all chunks."""
 
     kl: np.ndarray  # KL(P_ref || P_engine), nats
+    llama_kl: np.ndarray  # the same sum over the reference's log-probs above -16 only, as llama-perplexity sums it
     agree: np.ndarray  # bool: same most likely token
     reference_entropy: np.ndarray  # nats
     reference_nll: np.ndarray  # -log P_ref(the text's next token)
@@ -242,7 +246,8 @@ class PositionScores:
         rows = np.arange(len(targets))
         p = np.exp(ref, dtype=np.float64)
         # Summed in float64: over a 150k vocabulary fp32 rounding alone would be ~1e-6.
-        return cls(kl=(p * (ref.astype(np.float64) - eng)).sum(-1),
+        terms = p * (ref.astype(np.float64) - eng)
+        return cls(kl=terms.sum(-1), llama_kl=np.where(ref > LLAMA_LOG_PROB_FLOOR, terms, 0.0).sum(-1),
                    agree=ref.argmax(-1) == eng.argmax(-1),
                    reference_entropy=-(p * ref).sum(-1),
                    reference_nll=-ref[rows, targets].astype(np.float64),
@@ -257,6 +262,7 @@ class PositionScores:
         return {
             "mean_kl": float(kl.mean()),
             "mean_kl_stderr": float(kl.std(ddof=1) / np.sqrt(len(kl))) if len(kl) > 1 else 0.0,
+            "llama_mean_kl": float(self.llama_kl.mean()),
             "median_kl": float(np.median(kl)),
             "p99_kl": float(np.percentile(kl, 99)),
             "max_kl": float(kl.max()),

@@ -37,9 +37,10 @@ predictions (default the second half: positions ctx/2 .. ctx-2, as llama-perplex
 teacher-forced: a prefill through the first scored position, then one decode call per position fed
 the text's own token. One JSON line (--json) or a summary: mean/median/p99/max KL(P_ref || P_engine)
 in nats, top-1 agreement, the reference's mean entropy, both perplexities, scored tokens, and the
-engine's weight bytes read and KV bytes stored per decoded token. --reference is an engine folder
-or a file saved by an earlier run with --save-reference (like --kl-divergence-base): the reference
-runs first and alone, so one slow FP32 run serves many comparisons, e.g.
+engine's weight bytes read and KV bytes stored per decoded token (llama_mean_kl: the KL summed as
+llama-perplexity sums it, over the reference's log-probs above -16 nats only). --reference is an
+engine folder or a file saved by an earlier run with --save-reference (like --kl-divergence-base):
+the reference runs first and alone, so one slow FP32 run serves many comparisons, e.g.
   qwen3vl bench --engine eng-fp32 --text notes.txt --save-reference fp32-ctx256.npz
   qwen3vl bench --engine eng-int4 --text notes.txt --reference fp32-ctx256.npz --json
 A saved reference records the token ids, --ctx, --chunks and --score-tokens (options left unset
@@ -205,6 +206,8 @@ def run_text(args) -> int:
         print(f"  against {report['reference']} ({report['reference_precision']}): mean KL {report['mean_kl']:.6f} "
               f"± {report['mean_kl_stderr']:.6f} nats, median {report['median_kl']:.6f}, p99 {report['p99_kl']:.6f}, "
               f"max {report['max_kl']:.6f}; top-1 agreement {100 * report['top1_agreement']:.2f}%")
+        print(f"  mean KL summed as llama-perplexity sums it (reference log-probs > -16): "
+              f"{report['llama_mean_kl']:.6f}")
         print(f"  perplexity: engine {report['engine_ppl']:.3f}, reference {report['reference_ppl']:.3f}")
     else:
         print(f"  perplexity {report['reference_ppl']:.3f}")
