@@ -134,18 +134,22 @@ class PrefixCache:
         self._entries.move_to_end(best[0])
         return best[1], best_n
 
+    def covers(self, key: SequenceKey) -> bool:
+        """Whether `key` is stored already, whole or as the start of a longer sequence (that entry
+        then counts as used)."""
+        for name, entry in self._entries.items():
+            if name[0] == "kv" and key.common_prefix(entry.key) == len(key):
+                self._entries.move_to_end(name)
+                return True
+        return False
+
     def store_prefix(self, key: SequenceKey, arrays: list[np.ndarray]) -> None:
+        """Keeps `arrays` (a row's KV for `key`); stored sequences that `key` continues are dropped."""
         nbytes = sum(a.nbytes for a in arrays)
-        if nbytes > self.budget:
+        if nbytes > self.budget or self.covers(key):
             return
         for name, entry in list(self._entries.items()):
-            if name[0] != "kv":
-                continue
-            shared = key.common_prefix(entry.key)
-            if shared == len(key):  # already stored as (a prefix of) a longer sequence
-                self._entries.move_to_end(name)
-                return
-            if shared == len(entry.key):  # the new sequence continues this one: it replaces it
+            if name[0] == "kv" and key.common_prefix(entry.key) == len(entry.key):
                 self._remove(name)
         self._next_id += 1
         self._add(("kv", self._next_id), _KVEntry(key, arrays, nbytes))
@@ -295,9 +299,12 @@ class BatchReuse:
         """Stores every row's KV: its prompt and the generated tokens that went through the decoder."""
         if not self.store or not offers_kv_reuse(kv):
             return
+        bytes_per_token = kv.nbytes // (kv.batch * kv.capacity)
         for r, key in enumerate(self.keys):
             key = key.extended(self._fed[r])
-            self.cache.store_prefix(key, kv.row(r).read_prefix(len(key)))
+            # Checked before copying: a row already stored, or too large to keep, costs no copy.
+            if bytes_per_token * len(key) <= self.cache.budget and not self.cache.covers(key):
+                self.cache.store_prefix(key, kv.row(r).read_prefix(len(key)))
 
     def _vision_of(self, images: list[int]) -> VisionBatch:
         vision = self.batch.vision
