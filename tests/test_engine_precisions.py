@@ -25,7 +25,9 @@ MAX_MEAN_KL = {"int8": 0.05, "int4": 3.0}
 MIN_TOP1 = {"int8": 0.8, "int4": 0.05}
 
 
-@pytest.mark.parametrize("precision,decoder_ratio", [("int8", 0.40), ("int4", 0.25)])
+# int4: the tied embedding/lm_head, most of this tiny decoder's weights, is 8-bit by default (1.0625
+# bytes a weight at its block of 64, against 4 in fp32).
+@pytest.mark.parametrize("precision,decoder_ratio", [("int8", 0.40), ("int4", 0.30)])
 def test_quantized_engine_builds_small_and_stays_close_to_fp32(tiny_engine, precision, decoder_ratio):
     fp32 = tiny_engine("gqa2-tied")
     quantized = tiny_engine("gqa2-tied", precision=precision, block_size=32)
@@ -33,7 +35,8 @@ def test_quantized_engine_builds_small_and_stays_close_to_fp32(tiny_engine, prec
     bits = precision[3:]
     assert manifest["precision"] == precision
     assert "decoder:fuse_rmsnorm" in manifest["graph_passes"]
-    assert f"decoder:quantize_weights:int{bits}:b32:sym" in manifest["graph_passes"]
+    assert any(name.startswith(f"decoder:quantize_weights:int{bits}:b32:sym:clip")
+               for name in manifest["graph_passes"]), manifest["graph_passes"]
     assert "vision:dynamic_int8_weights:per_column:7bit" in manifest["graph_passes"]  # the default
     # Only the graphs' own data files remain: the replaced float weights are gone.
     assert sorted(p.name for p in quantized.iterdir() if p.name.endswith(".data")) == [
