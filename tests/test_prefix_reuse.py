@@ -203,3 +203,30 @@ def test_a_stream_closed_early_leaves_what_went_through_the_decoder(engine, cold
     warm = answer(pipe, chat)
     assert warm.cached_tokens == warm.prompt_tokens - 1
     assert_same_answer(warm, answer(cold, chat))
+
+
+def _reference_pipeline(tiny_engine, tiny_checkpoints):
+    from graph_passes.reference_backend import ReferenceBackend
+    from runtime.engine_manifest import load_manifest
+
+    engine = tiny_engine("gqa2-tied", backend="trt")
+    manifest = load_manifest(engine)
+    return Pipeline(engine, manifest, ReferenceBackend(engine, manifest))
+
+
+def _torch_pipeline(tiny_engine, tiny_checkpoints):
+    from model_src.torch_backend import checkpoint_pipeline
+
+    return checkpoint_pipeline(tiny_checkpoints["gqa2-tied"], threads=1)
+
+
+@pytest.mark.parametrize("make", [_reference_pipeline, _torch_pipeline], ids=["trt-graphs-reference", "torch"])
+def test_other_backends_copy_prefixes_in_and_out_of_their_caches(tiny_engine, tiny_checkpoints, make):
+    pipe = make(tiny_engine, tiny_checkpoints)
+    cold = Pipeline(pipe.engine_dir, pipe.manifest, pipe.backend, cache_memory=0)
+    first_chat = [user("Describe it.", [random_image(64, 64, 8)])]
+    first = answer(pipe, first_chat)
+    chat = follow_up(first_chat, first, "Why?")
+    warm = answer(pipe, chat)
+    assert warm.cached_tokens >= first.prompt_tokens - 1
+    assert_same_answer(warm, answer(cold, chat))
