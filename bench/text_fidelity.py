@@ -128,13 +128,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def chunk_logprobs(backend, token_ids: np.ndarray, score_tokens: int, prefill_chunk: int | None = 512) -> np.ndarray:
+def chunk_logprobs(backend, token_ids: np.ndarray, score_tokens: int, prefill_chunk: int | None = 512,
+                   clock: "DecodeClock | None" = None) -> np.ndarray:
     """(score_tokens, vocab) float32 next-token log-probabilities at the last `score_tokens`
     predicting positions of one chunk (positions ctx-1-score_tokens .. ctx-2), from an empty cache.
 
     Text-only input: every M-RoPE axis holds the token's index in the chunk. The prefill runs
     through the first scored position (in pieces of `prefill_chunk`, as the Pipeline prefills), then
-    each later position is one decode call fed the chunk's own token at that position."""
+    each later position is one decode call fed the chunk's own token at that position (timed by
+    `clock` when given)."""
     ctx = len(token_ids)
     first = ctx - 1 - score_tokens
     cache = backend.new_cache(1, ctx)
@@ -152,10 +154,30 @@ def chunk_logprobs(backend, token_ids: np.ndarray, score_tokens: int, prefill_ch
     out[0] = log_softmax(logits[0])
     for k in range(1, score_tokens):
         position = first + k  # the token at `position` goes in; its logits predict position + 1
+        started = time.perf_counter()
         logits = backend.decode(cache, token_ids[position:position + 1], np.array([position], dtype=np.int64),
                                 np.array([position], dtype=np.int64))
+        if clock is not None:
+            clock.add(time.perf_counter() - started)
         out[k] = log_softmax(logits[0])
     return out
+
+
+@dataclass
+class DecodeClock:
+    """Time spent in decode calls: decode speed of the teacher-forced steps (one token per call,
+    contexts ctx/2 .. ctx), measured in the same run as the fidelity."""
+
+    seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.steps += 1
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.steps / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -219,14 +241,14 @@ def progress(label: str, i: int, n: int, started: float) -> None:
 
 
 def reference_logprobs(backend, chunks: ChunkLayout, identity: dict, engine: str, precision: str,
-                       label: str = "reference") -> ReferenceLogprobs:
+                       label: str = "reference", clock: DecodeClock | None = None) -> ReferenceLogprobs:
     """Runs `backend` over every chunk and keeps its scored log-probabilities."""
     out = np.empty((chunks.chunks * chunks.score_tokens, identity["model"]["vocab_size"]), dtype=np.float32)
     started = time.perf_counter()
     for i in range(chunks.chunks):
         progress(label, i + 1, chunks.chunks, started)
         n = chunks.score_tokens
-        out[i * n:(i + 1) * n] = chunk_logprobs(backend, chunks.token_ids[i], n)
+        out[i * n:(i + 1) * n] = chunk_logprobs(backend, chunks.token_ids[i], n, clock=clock)
     return ReferenceLogprobs(out, chunks, identity, engine, precision)
 
 
@@ -274,14 +296,14 @@ class PositionScores:
         }
 
 
-def compare_engine(backend, reference: ReferenceLogprobs) -> PositionScores:
+def compare_engine(backend, reference: ReferenceLogprobs, clock: DecodeClock | None = None) -> PositionScores:
     """Runs `backend` over the reference's chunks, scoring each chunk as it comes (the engine's own
     log-probabilities are never all held at once)."""
     chunks, parts = reference.layout, []
     started = time.perf_counter()
     for i in range(chunks.chunks):
         progress("engine", i + 1, chunks.chunks, started)
-        eng = chunk_logprobs(backend, chunks.token_ids[i], chunks.score_tokens)
+        eng = chunk_logprobs(backend, chunks.token_ids[i], chunks.score_tokens, clock=clock)
         parts.append(PositionScores.of(reference.chunk(i), eng, chunks.targets(i)))
     return PositionScores.concatenate(parts)
 
@@ -354,17 +376,19 @@ def measure(engine_dir: str | Path, text: str | Path, reference: str | Path | No
             save(saved, save_reference)
 
     backend = open_backend("ort", engine_dir, manifest, threads)
+    clock = DecodeClock()
     try:
         if reference is None:
             saved = reference_logprobs(backend, chunk_layout, identity, str(engine_dir), manifest.precision,
-                                       label="engine")
+                                       label="engine", clock=clock)
             if save_reference is not None:
                 save(saved, save_reference)
             report.update(reference_summary(saved))
         else:
             report["reference_precision"] = saved.precision
-            report.update(compare_engine(backend, saved).summary())
+            report.update(compare_engine(backend, saved, clock).summary())
         report["kv_bytes_per_token"] = backend.new_cache(1, ctx).nbytes // ctx
+        report["decode_tokens_per_s"] = round(clock.tokens_per_s, 3)
     finally:
         backend.close()
     report.update({"ctx": ctx, "chunks": chunk_layout.chunks, "score_tokens_per_chunk": chunk_layout.score_tokens,

@@ -37,7 +37,8 @@ predictions (default the second half: positions ctx/2 .. ctx-2, as llama-perplex
 teacher-forced: a prefill through the first scored position, then one decode call per position fed
 the text's own token. One JSON line (--json) or a summary: mean/median/p99/max KL(P_ref || P_engine)
 in nats, top-1 agreement, the reference's mean entropy, both perplexities, scored tokens, and the
-engine's weight bytes read and KV bytes stored per decoded token (llama_mean_kl: the KL summed as
+engine's weight bytes read and KV bytes stored per decoded token, and its decode tok/s over the
+teacher-forced decode calls (contexts ctx/2 .. ctx; llama_mean_kl: the KL summed as
 llama-perplexity sums it, over the reference's log-probs above -16 nats only). --reference is an
 engine folder or a file saved by an earlier run with --save-reference (like --kl-divergence-base):
 the reference runs first and alone, so one slow FP32 run serves many comparisons, e.g.
@@ -213,7 +214,8 @@ def run_text(args) -> int:
         print(f"  perplexity {report['reference_ppl']:.3f}")
     print(f"  reference mean entropy {report['reference_mean_entropy']:.4f} nats")
     print(f"  per decoded token: {report['weight_bytes_per_token'] / 1e6:.1f} MB of weights read, "
-          f"{report['kv_bytes_per_token']} B of KV cache")
+          f"{report['kv_bytes_per_token']} B of KV cache; {report['decode_tokens_per_s']:.2f} tok/s "
+          f"({report['threads']} threads)")
     if "saved_reference" in report:
         print(f"  reference saved to {report['saved_reference']}")
     return 0
