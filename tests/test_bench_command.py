@@ -170,9 +170,10 @@ def test_int4_against_fp32_with_profile(tiny, tiny_int4):
     assert row["mean_kl"] == pytest.approx(expected["mean_kl"], rel=1e-3), (row, expected)
     assert row["max_kl"] == pytest.approx(expected["max_kl"], rel=1e-3), (row, expected)
     assert 0 < row["mean_kl"] <= row["max_kl"] and row["top1_agreement"] < 1, row  # int4 is not fp32
-    # Weight-only int4 reads about an eighth of the fp32 weights per token (plus scales).
+    # Weight-only int4 reads about an eighth of the fp32 weights per token (plus scales), except its
+    # 8-bit tied head (a quarter), which is most of this tiny decoder: ~0.26 of fp32 in all.
     fp32_bytes = decoder_weight_bytes(engine, load_manifest(engine))
-    assert 0.1 * fp32_bytes < row["weight_bytes_per_token"] < 0.25 * fp32_bytes, row
+    assert 0.1 * fp32_bytes < row["weight_bytes_per_token"] < 0.3 * fp32_bytes, row
     layers = load_manifest(engine).model.num_hidden_layers
     for graph in ("vision", "prefill", "decode"):
         summary = row["profile"][graph]
