@@ -303,3 +303,20 @@ def test_bad_flags_are_a_one_line_error_before_the_chat_starts(engine, tmp_path,
 def test_terminal_safe_shows_control_characters_and_keeps_the_rest():
     assert terminal_safe("a\tb\nc") == "a\tb\nc"
     assert terminal_safe("\x1b[2J\r\x7f\x9b é") == "^[[2J^M^?\\x9b é"
+
+
+def test_a_saved_conversation_loads_back_and_anything_else_is_refused(tmp_path, image):
+    from commands.conversation import Conversation
+    from runtime.errors import PromptError
+
+    saved = Conversation("Be brief.", [user("What is this?", image), assistant("A picture.")])
+    path = tmp_path / "chat.json"
+    saved.save(str(path))
+    assert Conversation.load(str(path)) == saved
+    for content, fragment in [("{not json", "not JSON"), ('{"messages": []}', "not a saved conversation"),
+                              ('{"format": "qwen3vl-chat", "messages": [{"role": "robot", "content": "hi"}]}', "role"),
+                              ('{"format": "qwen3vl-chat", "messages": [{"role": "user", "content": '
+                               '[{"type": "image", "image": "relative.png"}]}]}', "absolute path")]:
+        path.write_text(content)
+        with pytest.raises(PromptError, match=fragment):
+            Conversation.load(str(path))
