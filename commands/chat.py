@@ -257,7 +257,8 @@ class ChatSession:
     def command_stats(self, argument: str) -> None:
         turns, context = self.conversation.user_turns, self.pipe.manifest.max_context
         size = self.prompt_tokens(self.conversation.messages) if self.conversation.messages else 0
-        self.note(f"conversation: {turns} turns, {size} tokens of the engine's context of {context}")
+        self.note(f"conversation: {turns} turn{'' if turns == 1 else 's'}, {size} tokens of the engine's context "
+                  f"of {context}")
         last = self.last_turn
         if last:
             first = "no text" if last["first_text"] is None else f"first text after {last['first_text']:.2f} s"
