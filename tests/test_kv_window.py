@@ -16,7 +16,6 @@ import torch
 from runtime.errors import PromptError, Qwen3VLError
 from runtime.kv_window import KVWindow, WindowedCache
 from runtime.pipeline import Pipeline
-from runtime.sampling import SamplingConfig
 
 from conftest import assert_one_line_error, qwen3vl, random_image
 
