@@ -147,6 +147,8 @@ class Batcher:
                         job.logprob_items.append((token, float(step.token_logprobs[r]),
                                                   step.logprobs[r][:job.logprobs]))
                     job.text += streams[r].step(token)
+                    if step.finished[r] or len(job.token_ids) >= job.max_tokens:
+                        job.text += streams[r].finish()  # a character the limit cut, as generate shows it
                     reason = None
                     for s in job.stop:
                         at = job.text.find(s)
@@ -178,6 +180,7 @@ class Batcher:
             for r, job in enumerate(jobs):  # the context ran out before a row's own limit
                 if not job.done:
                     job.done = True
+                    job.text += streams[r].finish()
                     if len(job.text) > job.sent:
                         job.emit("text", job.text[job.sent:])
                     job.emit("done", {"finish_reason": "length", "prompt_tokens": int(lengths[r]),

@@ -445,3 +445,25 @@ def test_remote_images_only_with_allow_remote_images(pipe, tmp_path):
     finally:
         live.stop()
         files.shutdown()
+
+
+def test_a_character_cut_by_max_tokens_streams_as_generate_shows_it(pipe):
+    """The last token ends inside a character: the stream ends with what generate() shows (U+FFFD),
+    not with the character's first bytes held back and dropped."""
+    from test_stopping_and_streaming import byte_token
+    from wrapper_backends import wrapped
+
+    tokenizer = pipe.prompts.tokenizer
+    cut = tokenizer.encode("Voilà: ", add_special_tokens=False).ids + [byte_token(tokenizer, b)
+                                                                       for b in "世".encode()[:2]]
+    forced = wrapped(pipe, {step: {0: token} for step, token in enumerate(cut)})
+    chat = [{"role": "user", "content": PROMPT}]
+    expected = forced.generate(chat, max_new_tokens=len(cut), do_sample=False)
+    assert expected.token_ids == cut and expected.text.endswith("\ufffd")
+    live = LiveServer(forced, api_key=KEY, max_batch=1, max_queue=1, batch_window_s=0.01)
+    try:
+        chunks = list(live.client().chat.completions.create(model="qwen3vl", messages=chat, max_tokens=len(cut),
+                                                             temperature=0, stream=True))
+    finally:
+        live.stop()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
