@@ -138,3 +138,14 @@ def test_bench_reports_the_kv_bytes_per_token_of_the_stored_type(tiny_engine):
     row = json.loads(result.stdout.splitlines()[0])
     m = load_manifest(engine).model
     assert row["kv_bytes_per_token"] == 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim  # 1 B each
+
+
+def test_the_memory_plan_counts_an_int8_cache_from_the_manifest(tiny_engine):
+    from runtime.memory_plan import EngineFacts, plan_memory
+
+    facts = EngineFacts.from_manifest(load_manifest(tiny_engine("gqa2-tied", kv_dtype="int8")))
+    m = facts.model
+    assert facts.kv_dtype == "int8"
+    plan = plan_memory(facts, 1 << 30, context=256)
+    kv_item = next(item for item in plan.items if item.what.startswith("KV cache"))
+    assert plan.kv_dtype == "int8" and kv_item.bytes == 256 * 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim
