@@ -167,10 +167,9 @@ class PrefixCache:
         return entry
 
     def store_features(self, digest: bytes, image_embeds: np.ndarray, deepstack_embeds: np.ndarray) -> None:
-        image_embeds, deepstack_embeds = image_embeds.copy(), deepstack_embeds.copy()
         nbytes = image_embeds.nbytes + deepstack_embeds.nbytes
-        if nbytes <= self.budget and ("image", digest) not in self._entries:
-            self._add(("image", digest), _FeatureEntry(image_embeds, deepstack_embeds, nbytes))
+        if nbytes <= self.budget and ("image", digest) not in self._entries:  # copies: not views of a batch's
+            self._add(("image", digest), _FeatureEntry(image_embeds.copy(), deepstack_embeds.copy(), nbytes))
 
     # -- bookkeeping ------------------------------------------------------------------------------
 

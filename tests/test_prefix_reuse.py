@@ -108,6 +108,20 @@ def test_another_image_with_the_same_text_misses_and_answers_for_the_new_image(e
     assert same_again.cached_tokens == same_again.prompt_tokens - 1
 
 
+def test_an_image_seen_before_skips_the_vision_encoder_where_the_prefix_differs(engine, cold):
+    pipe = Pipeline.load(engine)
+    picture = random_image(96, 128, 7)
+    answer(pipe, [{"role": "system", "content": "You are terse."}, user("What is in this picture?", [picture])])
+    chat = [{"role": "system", "content": "You are a careful, detailed observer."},
+            user("What is in this picture?", [picture])]
+    encoded, encode = [], pipe.backend.encode_images
+    pipe.backend.encode_images = lambda images: encoded.append(images) or encode(images)
+    warm = answer(pipe, chat)
+    assert warm.cached_tokens < MIN_REUSED_TOKENS  # the KV differs from the system prompt on
+    assert encoded == [] and pipe.reuse_stats()["image_features"] == {"hits": 1, "misses": 1}
+    assert_same_answer(warm, answer(cold, chat))
+
+
 def test_another_pixel_budget_misses_even_where_the_pixels_come_out_the_same(engine, cold):
     pipe = Pipeline.load(engine)
     chat = [user("What is in this picture?", [random_image(96, 128, 4)])]
