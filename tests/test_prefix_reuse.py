@@ -108,6 +108,18 @@ def test_another_image_with_the_same_text_misses_and_answers_for_the_new_image(e
     assert same_again.cached_tokens == same_again.prompt_tokens - 1
 
 
+def test_a_prefix_ends_where_the_second_image_differs(engine, cold):
+    pipe = Pipeline.load(engine)
+    same, text = random_image(96, 128, 9), "Compare the two pictures."
+    answer(pipe, [user(text, [same, random_image(96, 128, 10)])])
+    chat = [user(text, [same, random_image(96, 128, 11)])]
+    warm = answer(pipe, chat)
+    batch = pipe.prepare([chat])
+    second_image_start = int(np.flatnonzero(batch.feature_index[0] >= 0)[batch.image_tokens // 2])
+    assert MIN_REUSED_TOKENS <= warm.cached_tokens == second_image_start
+    assert_same_answer(warm, answer(cold, chat))
+
+
 def test_an_image_seen_before_skips_the_vision_encoder_where_the_prefix_differs(engine, cold):
     pipe = Pipeline.load(engine)
     picture = random_image(96, 128, 7)
