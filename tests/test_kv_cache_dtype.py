@@ -149,3 +149,17 @@ def test_the_memory_plan_counts_an_int8_cache_from_the_manifest(tiny_engine):
     plan = plan_memory(facts, 1 << 30, context=256)
     kv_item = next(item for item in plan.items if item.what.startswith("KV cache"))
     assert plan.kv_dtype == "int8" and kv_item.bytes == 256 * 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim
+
+
+def test_a_derived_kv_variant_equals_the_built_one(tiny_engine, tmp_path):
+    from export.kv_variant import derive_kv_variant
+    from runtime.errors import Qwen3VLError
+
+    built = tiny_engine("gqa2-tied", kv_dtype="int8")
+    derived = derive_kv_variant(tiny_engine("gqa2-tied"), tmp_path / "derived", "int8")
+    manifest = load_manifest(derived, verify_hashes=True)
+    assert manifest.kv_dtype == "int8" and manifest.graph_passes == load_manifest(built).graph_passes
+    assert (derived / "decoder.onnx").read_bytes() == (built / "decoder.onnx").read_bytes()
+    assert (tiny_engine("gqa2-tied") / "decoder.onnx").read_bytes() != (built / "decoder.onnx").read_bytes()
+    with pytest.raises(Qwen3VLError, match="already int8"):
+        derive_kv_variant(derived, tmp_path / "again", "fp16")
