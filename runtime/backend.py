@@ -113,6 +113,8 @@ class KVCache(Protocol):
 class Backend(Protocol):
     name: str  # e.g. "onnxruntime-cpu": shown to users and in timings
     decoder_dtype: np.dtype  # the dtype the decoder takes its visual/deepstack embeddings in
+    # Optional: `kv_dtype`, the cache's stored type where it differs from decoder_dtype (`--kv-dtype`);
+    # the Pipeline's memory admission counts KV bytes in it.
 
     def encode_images(self, images: VisionBatch) -> ImageFeatures: ...
 

@@ -85,7 +85,7 @@ def test_pipeline_takes_any_object_that_implements_the_backend(tiny_engine):
 
         def __init__(self):
             self.inner = OrtBackend(engine, manifest)
-            self.name, self.decoder_dtype = "counting", self.inner.decoder_dtype
+            self.name, self.decoder_dtype, self.kv_dtype = "counting", self.inner.decoder_dtype, self.inner.kv_dtype
             self.calls = {"encode_images": 0, "new_cache": 0, "prefill": 0, "decode": 0}
 
         def __getattr__(self, name):
