@@ -38,7 +38,8 @@ def add_parser(subparsers) -> None:
                         help="vision encoder weights; int8 (default for int8/int4 builds) also computes in INT8 "
                              "on the CPU, ~1.5x faster than fp32 (the default for fp32/fp16 builds)")
     parser.add_argument("--kv-dtype", choices=("fp32", "fp16", "int8"), default=None,
-                        help="KV cache storage type (default: the graph's, fp32 or fp16 for fp16 builds); int8: "
+                        help="KV cache storage type (default: int8 for ort int8/int4 builds, else the graph's: fp32, or fp16 for "
+                             "fp16 builds); int8: "
                              "ONNX Runtime only, static per-channel scales calibrated during the build (4x smaller "
                              "than fp32); --backend trt: fp16 storage with fp32 math is the Pascal mode")
     parser.add_argument("--max-context", type=int, default=8192,

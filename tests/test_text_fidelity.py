@@ -77,8 +77,10 @@ def test_int4_against_its_fp32_sibling_loses_something(fp32, int4, direct):
     # Bytes per token are the engine's: int4 reads far less than fp32 (an 8-bit head or not).
     assert report["weight_bytes_per_token"] == decoder_weight_bytes(int4, load_manifest(int4))
     assert report["weight_bytes_per_token"] < decoder_weight_bytes(fp32, load_manifest(fp32)) / 2
-    m = load_manifest(int4).model
-    assert report["kv_bytes_per_token"] == m.num_hidden_layers * 2 * m.num_key_value_heads * m.head_dim * 4
+    manifest = load_manifest(int4)
+    m, stored = manifest.model, {"fp32": 4, "fp16": 2, "int8": 1}[manifest.kv_dtype]  # int4 stores int8 by default
+    assert manifest.kv_dtype == "int8"
+    assert report["kv_bytes_per_token"] == m.num_hidden_layers * 2 * m.num_key_value_heads * m.head_dim * stored
 
 
 def test_a_saved_reference_reproduces_the_direct_result_exactly(fp32, int4, text, direct, tmp_path):
