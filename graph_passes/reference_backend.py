@@ -14,37 +14,11 @@ import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 
-from runtime.backend import DecoderChunk, ImageFeatures, VisionBatch
+from runtime.backend import ArrayKVCache, DecoderChunk, ImageFeatures, VisionBatch
 from runtime.engine_manifest import EngineError, Manifest
 from runtime.graph_io import VISION_INPUTS, past_names, present_names
 
 from .plugin_reference import REFERENCE_OPS
-
-
-class ArrayKVCache:
-    """Per-layer key/value numpy buffers (B, kv_heads, capacity, head_dim): keys of every layer, then values."""
-
-    def __init__(self, buffers: list[np.ndarray]):
-        self.buffers = buffers
-        self.batch, self.capacity = buffers[0].shape[0], buffers[0].shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers)
-
-    def row(self, r: int) -> "ArrayKVCache":
-        return ArrayKVCache([b[r:r + 1] for b in self.buffers])
-
-    def read_prefix(self, n: int) -> list[np.ndarray]:
-        return [b[:, :, :n].copy() for b in self.buffers]
-
-    def write_prefix(self, arrays: list[np.ndarray]) -> None:
-        for buffer, stored in zip(self.buffers, arrays, strict=True):
-            buffer[:, :, :stored.shape[2]] = stored
-
-    def move(self, start: int, stop: int, to: int) -> None:
-        for b in self.buffers:
-            b[:, :, to:to + stop - start] = b[:, :, start:stop]  # numpy buffers overlapping copies
 
 
 class _Graph:

@@ -109,6 +109,33 @@ class KVCache(Protocol):
         the ranges may overlap (to < start). The KV window's eviction (runtime/kv_window.py)."""
 
 
+class ArrayKVCache:
+    """A KVCache in host memory: per-layer key/value numpy buffers (B, kv_heads, capacity, head_dim),
+    keys of every layer, then values. `row` views share the storage."""
+
+    def __init__(self, buffers: list[np.ndarray]):
+        self.buffers = buffers
+        self.batch, self.capacity = buffers[0].shape[0], buffers[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    def row(self, r: int) -> "ArrayKVCache":
+        return type(self)([b[r:r + 1] for b in self.buffers])  # views: a leading-axis slice stays contiguous
+
+    def read_prefix(self, n: int) -> list[np.ndarray]:
+        return [b[:, :, :n].copy() for b in self.buffers]
+
+    def write_prefix(self, arrays: list[np.ndarray]) -> None:
+        for buffer, stored in zip(self.buffers, arrays, strict=True):
+            buffer[:, :, :stored.shape[2]] = stored
+
+    def move(self, start: int, stop: int, to: int) -> None:
+        for b in self.buffers:  # in place (bindings to this memory stay valid); numpy copies overlaps right
+            b[:, :, to:to + stop - start] = b[:, :, start:stop]
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str  # e.g. "onnxruntime-cpu": shown to users and in timings

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import DecoderChunk, ImageFeatures, VisionBatch
+from .backend import ArrayKVCache, DecoderChunk, ImageFeatures, VisionBatch
 from .engine_manifest import EngineError, Manifest
 from .graph_io import past_names, present_names
 from .memory_admission import OutOfMemoryError
@@ -20,34 +20,15 @@ from .memory_admission import OutOfMemoryError
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
-class OrtKVCache:
+class OrtKVCache(ArrayKVCache):
     """Per-layer key/value buffers (B, kv_heads, capacity, head_dim) and their OrtValues."""
 
     def __init__(self, buffers: list[np.ndarray]):
         import onnxruntime as ort
 
-        self.buffers = buffers
-        self.batch, self.capacity = buffers[0].shape[0], buffers[0].shape[2]
+        super().__init__(buffers)
         self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
         self.steps: DecodeSteps | None = None  # the decode loop's binding, made on first use
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers)
-
-    def row(self, r: int) -> "OrtKVCache":
-        return OrtKVCache([b[r:r + 1] for b in self.buffers])  # views: a leading-axis slice stays contiguous
-
-    def read_prefix(self, n: int) -> list[np.ndarray]:
-        return [b[:, :, :n].copy() for b in self.buffers]
-
-    def write_prefix(self, arrays: list[np.ndarray]) -> None:
-        for buffer, stored in zip(self.buffers, arrays, strict=True):
-            buffer[:, :, :stored.shape[2]] = stored
-
-    def move(self, start: int, stop: int, to: int) -> None:
-        for b in self.buffers:  # in place: the OrtValues and bindings read this memory
-            b[:, :, to:to + stop - start] = b[:, :, start:stop]  # numpy buffers overlapping copies
 
 
 class OrtBackend:
