@@ -57,10 +57,13 @@ def trt_passes(kv_dtype: str | None = None) -> list[GraphPass]:
 
 def ort_passes(part: str, precision: str, block_size: int, symmetric: bool, accuracy_level: int,
                vision_precision: str = "fp32", backend: str = "ort", scale_search: str = "none",
-               overrides: dict[str, tuple[WeightFormat, str]] | None = None) -> list[GraphPass]:
+               overrides: dict[str, tuple[WeightFormat, str]] | None = None,
+               vision_keep_float: Iterable[str] = ()) -> list[GraphPass]:
     """The ONNX Runtime target's passes for one graph (the decoder's attention is fused at export).
     The decoder's weights get (bits of the precision, block_size, symmetric, scale_search) except
-    those `overrides` names (weight name -> (WeightFormat, reason): the head, sensitive layers)."""
+    those `overrides` names (weight name -> (WeightFormat, reason): the head, sensitive layers).
+    An int8 vision graph keeps float the weights `vision_keep_float` names (names or prefixes: the
+    sensitive blocks of --keep-sensitive-vision)."""
     if part == "vision":
         if vision_precision != "int8":
             return []
@@ -68,10 +71,11 @@ def ort_passes(part: str, precision: str, block_size: int, symmetric: bool, accu
             # The TensorRT graph is derived from this one and shares its weights: weight-only INT8 in
             # the layout the weight-only GEMM plugin reads.
             return [quantize_weights(bits=8, block_size=block_size, symmetric=symmetric,
-                                     accuracy_level=accuracy_level, include_embedding=False)]
+                                     accuracy_level=accuracy_level, include_embedding=False,
+                                     keep_float=vision_keep_float)]
         # Compute-bound: INT8 weights *and* INT8 compute (ONNX Runtime's integer GEMM), ~2x its FP32
         # GEMM on AVX2, where weight-only INT8 (MatMulNBits) was slower than FP32.
-        return [dynamic_int8_weights()]
+        return [dynamic_int8_weights(vision_keep_float)]
     passes = [fuse_rmsnorm]
     if precision in ("int8", "int4"):
         # Decoder linears and the tied embedding at the chosen width.

@@ -16,6 +16,8 @@ wrong results on this machine's AVX2 CPU; tests/test_pass_quantize_dynamic.py ch
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -50,19 +52,21 @@ def quantize_columns(weight: np.ndarray, rows: bool = False) -> tuple[np.ndarray
     return codes, scales
 
 
-def dynamic_int8_weights() -> "DynamicInt8Weights":
+def dynamic_int8_weights(keep_float: Iterable[str] = ()) -> "DynamicInt8Weights":
     """The pass: MatMul(x, W (K, N)) and Gemm(x, W, bias[, transB]) over float weight initializers
-    -> DynamicQuantizeMatMul(x, W.int8, W.scales[, bias]). Gathers (embedding tables) are left alone."""
-    return DynamicInt8Weights()
+    -> DynamicQuantizeMatMul(x, W.int8, W.scales[, bias]). Gathers (embedding tables) are left alone,
+    and so are the weights `keep_float` names (weight names or prefixes, e.g. "visual.blocks.3")."""
+    return DynamicInt8Weights(keep_float)
 
 
 class DynamicInt8Weights(QuantizeWeights):
     """QuantizeWeights' search, streaming and rewriting, with DynamicQuantizeMatMul's format. Tables
     read by a Gather stay float (include_embedding=False), with any MatMul tied to them."""
 
-    def __init__(self):
-        super().__init__(WeightFormat(8, 64, True), accuracy_level=0, include_embedding=False, overrides={})
-        self.name = "dynamic_int8_weights:per_column:7bit"
+    def __init__(self, keep_float: Iterable[str] = ()):
+        super().__init__(WeightFormat(8, 64, True), accuracy_level=0, include_embedding=False, overrides={},
+                         keep_float=keep_float)
+        self.name = "dynamic_int8_weights:per_column:7bit" + (":keep_float" if self.keep_float else "")
 
     def _store(self, source: np.ndarray, name: str, layout: str, out, location: str, taken: set[str]):
         if source.dtype != np.float32:

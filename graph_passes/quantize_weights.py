@@ -19,6 +19,7 @@ chunk of temporaries (2 B decoder: ~1.6 GB peak RSS, 1.2 GB of it the mapped fp3
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,21 +250,24 @@ class WeightFormat:
 
 def quantize_weights(bits: int = 4, block_size: int = 64, symmetric: bool = True, accuracy_level: int = 0,
                      include_embedding: bool = True, scale_search: str = "none",
-                     overrides: dict[str, tuple[WeightFormat, str]] | None = None) -> "QuantizeWeights":
+                     overrides: dict[str, tuple[WeightFormat, str]] | None = None,
+                     keep_float: Iterable[str] = ()) -> "QuantizeWeights":
     """The pass: MatMul/Gemm over a 2-D float weight initializer -> MatMulNBits and, with
     include_embedding, Gather over one -> GatherBlockQuantized (see QuantizeWeights). Without
     include_embedding a table keeps all its uses in float, the lm_head tied to it included; an
     untied lm_head is an ordinary linear layer either way.
 
     Every weight gets (bits, block_size, symmetric, scale_search) unless `overrides` names it:
-    weight initializer name -> (its WeightFormat, the reason, e.g. "head" or "sensitive"). After a
-    run, the pass's `records` say what each quantized weight got (QuantizeWeights.records).
+    weight initializer name -> (its WeightFormat, the reason, e.g. "head" or "sensitive"). Weights
+    `keep_float` names stay float (an entry is a weight name or a prefix of names, e.g.
+    "visual.blocks.3": the weights under it). After a run, the pass's `records` say what each
+    quantized weight got (QuantizeWeights.records).
 
     accuracy_level 0 computes exactly on the dequantized weights but is ORT CPU's slow path (2 B
     decode step on 2 cores: int4 ~2x and int8 ~20x slower than fp32); 4 quantizes activations to
     int8 per block, the fast path (int4 0.7x, int8 0.4x of the fp32 step time)."""
     return QuantizeWeights(WeightFormat(bits, block_size, symmetric, scale_search), accuracy_level, include_embedding,
-                           overrides or {})
+                           overrides or {}, keep_float)
 
 
 class QuantizeWeights:
@@ -284,15 +288,21 @@ class QuantizeWeights:
     """
 
     def __init__(self, default: WeightFormat, accuracy_level: int, include_embedding: bool,
-                 overrides: dict[str, tuple[WeightFormat, str]]):
+                 overrides: dict[str, tuple[WeightFormat, str]], keep_float: Iterable[str] = ()):
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0-4, got {accuracy_level}")
         self.default, self.overrides = default, dict(overrides)
         self.accuracy_level, self.include_embedding = accuracy_level, include_embedding
+        self.keep_float = tuple(keep_float)
         label = default.label if default.scale_search != "none" else default.label.removesuffix(":none")
         self.name = f"quantize_weights:{label}" + (":mixed" if self.overrides else "")  # the manifest has each weight's
+        if self.keep_float:
+            self.name += ":keep_float"  # the manifest says which (quantization.vision_sensitivity)
         # Filled by a run: weight name -> {bits, block_size, symmetric, scale_search, reason, bytes}.
         self.records: dict[str, dict] = {}
+
+    def kept_float(self, name: str) -> bool:
+        return any(name == kept or name.startswith(f"{kept}.") for kept in self.keep_float)
 
     def format_of(self, name: str) -> tuple[WeightFormat, str]:
         return self.overrides.get(name, (self.default, "default"))
@@ -337,7 +347,7 @@ class QuantizeWeights:
 
     def _find_uses(self, graph, initializers, constants) -> dict[str, list["_Use"]]:
         """Weight name -> the nodes to rewrite that read it."""
-        weights = {name for name, t in initializers.items() if _is_float_matrix(t)}
+        weights = {name for name, t in initializers.items() if _is_float_matrix(t) and not self.kept_float(name)}
         uses: dict[str, list[_Use]] = {}
         for node in graph.node:
             if node.domain not in ("", "ai.onnx"):

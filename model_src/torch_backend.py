@@ -63,8 +63,14 @@ class TorchBackend:
     def new_cache(self, batch: int, capacity: int) -> TorchKVCache:
         return TorchKVCache(*self.model.new_cache(batch, capacity))
 
-    @torch.no_grad()
     def prefill(self, cache: TorchKVCache, chunk: DecoderChunk) -> np.ndarray:
+        return self.logits(cache, chunk, chunk.logits_index[:, None])[:, 0]
+
+    @torch.no_grad()
+    def logits(self, cache: TorchKVCache, chunk: DecoderChunk, positions: np.ndarray | None = None) -> np.ndarray:
+        """A prefill that returns the next-token logits at `positions` of each row ((B, P) column
+        indexes into the chunk; default every column): (B, P, vocab) float32. The cache gets the
+        chunk's keys as in `prefill`."""
         model, (b, s) = self.model, chunk.input_ids.shape
         input_ids = torch.from_numpy(np.ascontiguousarray(chunk.input_ids, dtype=np.int64))
         embeds = model.language_model.embed_tokens(input_ids)
@@ -79,8 +85,10 @@ class TorchBackend:
             cache.keys, cache.values, deepstack)
         for buffer, new in zip(cache.keys + cache.values, keys + values):
             buffer.copy_(new)  # the cache (or a row view of it) holds the new keys
-        last = hidden[torch.arange(b), torch.from_numpy(chunk.logits_index)]
-        return (last @ model.lm_head_weight().T).float().numpy()
+        columns = torch.arange(s).expand(b, s) if positions is None else torch.from_numpy(
+            np.ascontiguousarray(positions, dtype=np.int64))
+        picked = hidden[torch.arange(b)[:, None], columns]
+        return (picked @ model.lm_head_weight().T).float().numpy()
 
     def decode(self, cache: TorchKVCache, tokens: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray
                ) -> np.ndarray:
