@@ -31,6 +31,7 @@ from runtime.prompt import load_chat_template
 from graph_passes.kv_cache_dtype import GRANULARITIES as KV_SCALE_GRANULARITIES
 from graph_passes.kv_cache_dtype import kv_cache_dtype
 from graph_passes.pass_runner import TRT_KV_DTYPES, ort_passes, run_passes, trt_passes
+from graph_passes.quantize_weights import WeightFormat
 
 from .decoder_graph import export_decoder
 from .engine_folder import EngineReplacement, check_target
@@ -40,6 +41,7 @@ from .kv_calibration import calibrate_kv_scales
 from .stand_in_weights import attach_weights, use_stand_in_parameters
 from .trt_engine import write_graph_io
 from .vision_graph import export_vision
+from .vision_sensitivity import calibration_description, vision_block_sensitivities
 
 # Graph dtype of each precision; int8/int4 keep fp32 activations with weight-only quantized linears.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
@@ -72,12 +74,15 @@ def build_engine(
     vision_precision: str | None = None,
     kv_dtype: str | None = None,
     kv_scales: str = "per_channel",
+    keep_sensitive_vision: int = 0,
     head_bits: int | None = None,
     scale_search: str = DEFAULT_SCALE_SEARCH,
     keep_sensitive: int = 0,
 ) -> Path:
     """`apply_graph_passes=False` keeps the graphs as exported (tests compare passes against them).
     `vision_precision` "fp32" or "int8"; default int8 for int8/int4 builds, else the graph's dtype.
+    `keep_sensitive_vision` N: int8/int4 builds with an int8 vision encoder keep the N vision blocks
+    whose INT8 compute alone moves the output most in FP32 (export/vision_sensitivity.py).
     `kv_dtype` the KV cache's storage type; default the graph's (fp32, fp16 for fp16 builds).
     `kv_scales` of an int8 cache: "per_channel" (per KV head and dimension) or "per_tensor".
     int8/int4: `head_bits` of the tied embedding/lm_head (default 8), `scale_search` "clip" or "none"
@@ -95,6 +100,12 @@ def build_engine(
                            f"(choose from {', '.join(VISION_PRECISIONS)})")
     if vision_precision == "int8" and precision == "fp16":
         raise Qwen3VLError("--vision-precision int8 needs FP32 activations: use it with --precision fp32, int8 or int4")
+    if keep_sensitive_vision < 0:
+        raise Qwen3VLError(f"--keep-sensitive-vision {keep_sensitive_vision}: give a count of vision blocks, 0 or more")
+    if keep_sensitive_vision and (precision not in ("int8", "int4") or vision_precision != "int8"):
+        raise Qwen3VLError(f"--keep-sensitive-vision keeps blocks of an INT8 vision encoder in FP32: use it with "
+                           f"--precision int8 or int4 and vision int8 (this build: --precision {precision}, "
+                           f"vision {vision_precision})")
     if max_context < 16:
         raise Qwen3VLError(f"--max-context {max_context} is too small")
     kv_dtype = _check_kv_dtype(kv_dtype, backend, precision)
@@ -113,6 +124,9 @@ def build_engine(
     check_target(out, checkpoint_dir)
 
     config = load_config(checkpoint_dir)
+    if keep_sensitive_vision > config.vision.depth:
+        raise Qwen3VLError(f"--keep-sensitive-vision {keep_sensitive_vision}: the vision encoder has "
+                           f"{config.vision.depth} blocks")
     if max_context > config.text.max_position_embeddings:
         raise Qwen3VLError(f"--max-context {max_context} exceeds the model's "
                            f"{config.text.max_position_embeddings} positions")
@@ -127,13 +141,17 @@ def build_engine(
     try:
         applied = []
         quantization = _plan_quantization(checkpoint_dir, precision, body, head_bits, keep_sensitive, progress)
+        vision_float, vision_record = _plan_vision_islands(checkpoint_dir, keep_sensitive_vision, backend,
+                                                           block_size, symmetric, progress)
+        if vision_record:
+            quantization["record"]["vision_sensitivity"] = vision_record
         for part, export in (("vision", export_vision), ("decoder", export_decoder)):
             _export_part(part, export, config, checkpoint_dir, staging, dtype, progress)
             passes = []
             if apply_graph_passes:
                 overrides = quantization["overrides"] if part == "decoder" and quantization else None
                 passes = ort_passes(part, precision, block_size, symmetric, accuracy_level, vision_precision, backend,
-                                    scale_search=scale_search, overrides=overrides)
+                                    scale_search=scale_search, overrides=overrides, vision_keep_float=vision_float)
             applied += [f"{part}:{name}" for name in _apply_passes(part, staging, passes, progress)]
             records = {name: record for p in passes for name, record in getattr(p, "records", {}).items()}
             if records and quantization:
@@ -205,6 +223,27 @@ def _plan_quantization(checkpoint_dir: Path, precision: str, body, head_bits: in
                                  "calibration_tokens": CALIBRATION_TOKENS, "kl": sensitivities,
                                  "kept": sensitive}
     return {"overrides": weight_overrides(precision, body, head_bits, sensitive), "record": record}
+
+
+def _plan_vision_islands(checkpoint_dir: Path, keep: int, backend: str, block_size: int, symmetric: bool,
+                         progress) -> tuple[list[str], dict | None]:
+    """--keep-sensitive-vision N: (the N vision blocks whose INT8 alone moves the output most, kept
+    FP32; the manifest's `quantization.vision_sensitivity`). The sensitivity is measured in the form
+    this backend's vision graph quantizes: DynamicQuantizeMatMul (ort), weight-only INT8 (trt)."""
+    if not keep:
+        return [], None
+    weight_only = WeightFormat(8, block_size, symmetric) if backend == "trt" else None
+    form = "weight-only INT8" if weight_only else "INT8 compute (DynamicQuantizeMatMul)"
+    start = time.perf_counter()
+    progress(f"vision sensitivity: each vision block alone at {form} on {calibration_description()}")
+    kl = vision_block_sensitivities(checkpoint_dir, weight_only, progress=progress)
+    ranking = most_sensitive(kl, len(kl))
+    progress(f"vision sensitivity: done in {time.perf_counter() - start:.0f} s; ranking: "
+             + ", ".join(f"{name.removeprefix('visual.')} {kl[name]:.2e}" for name in ranking))
+    kept = ranking[:keep]
+    progress(f"vision sensitivity: kept in FP32: {', '.join(name.removeprefix('visual.') for name in kept)}")
+    return kept, {"metric": f"mean KL(fp32 || this block's linears alone at {form}), nats",
+                  "calibration": calibration_description(), "kl": kl, "kept": kept}
 
 
 def _export_part(part, export, config, checkpoint_dir, staging, dtype, progress):
