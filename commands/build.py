@@ -34,6 +34,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--keep-sensitive", type=int, default=0, metavar="N",
                         help="int4: measure each decoder linear's effect on the output (KL on a built-in text, a few "
                              "minutes on 2B) and keep the N most sensitive at 8 bits")
+    parser.add_argument("--weight-budget", metavar="SIZE",
+                        help="int4/int8: bytes of weights read per decoded token (e.g. 1.1GB, as `qwen3vl bench` "
+                             "reports them): measures each decoder linear's sensitivity (a few minutes on 2B) and "
+                             "gives the most sensitive 8 bits or smaller blocks, the rest 4-bit blocks of 128, "
+                             "to fit")
     parser.add_argument("--vision-precision", choices=("fp32", "int8"), default=None,
                         help="vision encoder weights; int8 (default for int8/int4 builds) also computes in INT8 "
                              "on the CPU, ~1.5x faster than fp32 (the default for fp32/fp16 builds)")
@@ -71,13 +76,15 @@ def run(args) -> int:
     if args.engine or not args.checkpoint or not args.out:
         raise Qwen3VLError("build needs --checkpoint and --out (or --engine E --compile-only)")
     from export.build_engine import build_engine
+    from runtime.memory_plan import parse_size
 
     out = build_engine(args.checkpoint, args.out, backend=args.backend, precision=args.precision,
                        max_context=args.max_context, progress=progress, block_size=args.block_size,
                        symmetric=not args.asymmetric, vision_precision=args.vision_precision,
                        kv_dtype=args.kv_dtype, head_bits=args.head_bits, scale_search=args.scale_search,
                        keep_sensitive_vision=args.keep_sensitive_vision,
-                       keep_sensitive=args.keep_sensitive)
+                       keep_sensitive=args.keep_sensitive,
+                       weight_budget=None if args.weight_budget is None else parse_size(args.weight_budget))
     progress(f"engine written to {out}")
     if args.backend == "trt":
         compile_plans(out, progress, plugins=args.plugins, settings=settings)

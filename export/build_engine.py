@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +36,8 @@ from graph_passes.quantize_weights import WeightFormat
 
 from .decoder_graph import export_decoder
 from .engine_folder import EngineReplacement, check_target
-from .quantization_plan import DEFAULT_SCALE_SEARCH, body_format, weight_overrides
+from .precision_allocation import SAMPLE_ROWS, allocate, candidate_formats, format_errors, head_and_norm_bytes
+from .quantization_plan import DEFAULT_SCALE_SEARCH, body_format, head_format, weight_overrides
 from .sensitivity import CALIBRATION_TOKENS, linear_sensitivities, most_sensitive
 from .kv_calibration import calibrate_kv_scales
 from .stand_in_weights import attach_weights, use_stand_in_parameters
@@ -78,6 +80,7 @@ def build_engine(
     head_bits: int | None = None,
     scale_search: str = DEFAULT_SCALE_SEARCH,
     keep_sensitive: int = 0,
+    weight_budget: int | None = None,
 ) -> Path:
     """`apply_graph_passes=False` keeps the graphs as exported (tests compare passes against them).
     `vision_precision` "fp32" or "int8"; default int8 for int8/int4 builds, else the graph's dtype.
@@ -86,7 +89,8 @@ def build_engine(
     `kv_dtype` the KV cache's storage type; default the graph's (fp32, fp16 for fp16 builds).
     `kv_scales` of an int8 cache: "per_channel" (per KV head and dimension) or "per_tensor".
     int8/int4: `head_bits` of the tied embedding/lm_head (default 8), `scale_search` "clip" or "none"
-    (max-abs), `keep_sensitive` N decoder linears at 8 bits (int4; export/quantization_plan.py)."""
+    (max-abs), `keep_sensitive` N decoder linears at 8 bits (int4; export/quantization_plan.py), or
+    `weight_budget` bytes read per decoded token shared out by sensitivity (export/precision_allocation.py)."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if block_size not in BLOCK_SIZES:
         raise Qwen3VLError(f"unsupported block size {block_size} (choose from {', '.join(map(str, BLOCK_SIZES))})")
@@ -121,6 +125,13 @@ def build_engine(
                            f"not {precision}")
     if keep_sensitive < 0:
         raise Qwen3VLError(f"--keep-sensitive {keep_sensitive}: give a count of linears, 0 or more")
+    if weight_budget is not None:
+        if precision not in ("int8", "int4"):
+            raise Qwen3VLError(f"--weight-budget shares out the formats of int8/int4 builds, not {precision}")
+        if keep_sensitive:
+            raise Qwen3VLError("--weight-budget already chooses which linears get 8 bits: drop --keep-sensitive")
+        if weight_budget <= 0:
+            raise Qwen3VLError(f"--weight-budget {weight_budget}: give a size, e.g. 1.1GB")
     check_target(out, checkpoint_dir)
 
     config = load_config(checkpoint_dir)
@@ -130,6 +141,11 @@ def build_engine(
     if max_context > config.text.max_position_embeddings:
         raise Qwen3VLError(f"--max-context {max_context} exceeds the model's "
                            f"{config.text.max_position_embeddings} positions")
+    if weight_budget is not None:
+        fixed = head_and_norm_bytes(config.text, head_format(precision, body, head_bits))
+        if weight_budget <= fixed:
+            raise Qwen3VLError(f"--weight-budget {weight_budget / 1e9:.3f} GB is under the {fixed / 1e9:.3f} GB that "
+                               f"the lm_head and the norms read per token alone")
     dtype = PRECISIONS[precision]
     _check_weights(checkpoint_dir, config)
     # The checkpoint's other settings are read before minutes of export, so their errors come first.
@@ -140,7 +156,8 @@ def build_engine(
     staging = replacement.staging
     try:
         applied = []
-        quantization = _plan_quantization(checkpoint_dir, precision, body, head_bits, keep_sensitive, progress)
+        quantization = _plan_quantization(checkpoint_dir, config, precision, body, head_bits, keep_sensitive,
+                                          weight_budget, progress)
         vision_float, vision_record = _plan_vision_islands(checkpoint_dir, keep_sensitive_vision, backend,
                                                            block_size, symmetric, progress)
         if vision_record:
@@ -203,26 +220,53 @@ def build_engine(
     return out
 
 
-def _plan_quantization(checkpoint_dir: Path, precision: str, body, head_bits: int | None, keep_sensitive: int,
-                       progress) -> dict | None:
+def _plan_quantization(checkpoint_dir: Path, config, precision: str, body, head_bits: int | None,
+                       keep_sensitive: int, weight_budget: int | None, progress) -> dict | None:
     """int8/int4: {"overrides": the decoder weights that do not get `body`, "record": the manifest's
-    `quantization` (tensors filled in as the passes run; the sensitivities, when measured)}."""
+    `quantization` (tensors filled in as the passes run; the sensitivities and the budget's
+    allocation, when measured)}."""
     if precision not in ("int8", "int4"):
         return None
     record: dict = {"default": asdict(body), "tensors": {}}
-    sensitive = []
-    if keep_sensitive:
+    sensitive, allocated = [], None
+    if keep_sensitive or weight_budget is not None:
         start = time.perf_counter()
         progress(f"sensitivity: each decoder linear alone at {body.label} on {CALIBRATION_TOKENS} calibration tokens")
         sensitivities = linear_sensitivities(checkpoint_dir, body, progress=progress)
-        sensitive = most_sensitive(sensitivities, keep_sensitive)
-        ranked = ", ".join(f"{name.removeprefix('language_model.').removesuffix('.weight')} {sensitivities[name]:.2e}"
-                           for name in sensitive)
-        progress(f"sensitivity: done in {time.perf_counter() - start:.0f} s; kept at 8 bits: {ranked}")
+        progress(f"sensitivity: done in {time.perf_counter() - start:.0f} s")
         record["sensitivity"] = {"metric": "mean KL(fp32 || this linear alone quantized), nats",
-                                 "calibration_tokens": CALIBRATION_TOKENS, "kl": sensitivities,
-                                 "kept": sensitive}
-    return {"overrides": weight_overrides(precision, body, head_bits, sensitive), "record": record}
+                                 "calibration_tokens": CALIBRATION_TOKENS, "kl": sensitivities}
+    if keep_sensitive:
+        sensitive = most_sensitive(sensitivities, keep_sensitive)
+        ranked = ", ".join(f"{_short(name)} {sensitivities[name]:.2e}" for name in sensitive)
+        progress(f"sensitivity: kept at 8 bits: {ranked}")
+        record["sensitivity"]["kept"] = sensitive
+    if weight_budget is not None:
+        allocated, record["budget"] = _allocate(checkpoint_dir, config, precision, body, head_bits, sensitivities,
+                                                weight_budget, progress)
+    return {"overrides": weight_overrides(precision, body, head_bits, sensitive, allocated), "record": record}
+
+
+def _allocate(checkpoint_dir: Path, config, precision: str, body, head_bits: int | None,
+              sensitivities: dict[str, float], weight_budget: int, progress) -> tuple[dict, dict]:
+    """--weight-budget: (weight name -> format, the manifest's record of the allocation)."""
+    fixed = head_and_norm_bytes(config.text, head_format(precision, body, head_bits))
+    formats = candidate_formats(body)
+    errors, shapes = format_errors(checkpoint_dir, list(sensitivities), formats, progress=progress)
+    allocation = allocate(sensitivities, body, errors, shapes, weight_budget - fixed)
+    counts = Counter(form.label for form in allocation.formats.values())
+    progress(f"weight budget: {(allocation.bytes + fixed) / 1e9:.3f} GB per token of {weight_budget / 1e9:.3f} GB; "
+             + ", ".join(f"{count} linears {label}" for label, count in sorted(counts.items())))
+    return allocation.formats, {
+        "bytes_per_token": weight_budget, "planned_bytes_per_token": allocation.bytes + fixed,
+        "head_and_norm_bytes": fixed, "formats": dict(sorted(counts.items())),
+        "estimated_kl_sum": sum(allocation.estimated_kl.values()),
+        "format_errors": "relative squared error of each candidate format on "
+                         f"{SAMPLE_ROWS} rows of each linear; estimated KL = sensitivity x error ratio"}
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("language_model.").removesuffix(".weight")
 
 
 def _plan_vision_islands(checkpoint_dir: Path, keep: int, backend: str, block_size: int, symmetric: bool,

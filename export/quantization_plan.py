@@ -8,6 +8,8 @@
   ~1/16 of the 4-bit layers' error and the longer block saves 3% of the bytes read per token.
 - sensitive: with --keep-sensitive N, the N decoder linears whose quantization alone moves the output
   most (export/sensitivity.py), in the head's 8-bit format.
+- budget: with --weight-budget SIZE, every decoder linear in the format export/precision_allocation.py
+  chose for it (4 bits in blocks of 128/64/32 or 8 bits) so that the bytes read per token fit SIZE.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def eight_bit(body: WeightFormat) -> WeightFormat:
     return WeightFormat(8, max(body.block_size, EIGHT_BIT_BLOCK_SIZE), body.symmetric, body.scale_search)
 
 
-def weight_overrides(precision: str, body: WeightFormat, head_bits: int | None,
-                     sensitive: list[str] = ()) -> dict[str, tuple[WeightFormat, str]]:
+def weight_overrides(precision: str, body: WeightFormat, head_bits: int | None, sensitive: list[str] = (),
+                     allocated: dict[str, WeightFormat] | None = None) -> dict[str, tuple[WeightFormat, str]]:
     """Weight name -> (format, reason) for every weight that does not get `body`."""
     if head_bits is None:
         head_bits = 8 if precision == "int4" else None
@@ -47,4 +49,10 @@ def weight_overrides(precision: str, body: WeightFormat, head_bits: int | None,
         overrides.update({name: (head, "head") for name in HEAD_WEIGHTS})
     if body.bits < 8:
         overrides.update({name: (eight_bit(body), "sensitive") for name in sensitive})
+    overrides.update({name: (form, "budget") for name, form in (allocated or {}).items() if form != body})
     return overrides
+
+
+def head_format(precision: str, body: WeightFormat, head_bits: int | None) -> WeightFormat:
+    """The format weight_overrides gives the tied embedding/lm_head."""
+    return weight_overrides(precision, body, head_bits).get(HEAD_WEIGHTS[0], (body, "default"))[0]

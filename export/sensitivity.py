@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from graph_passes.quantize_weights import WeightFormat, dequantize_blockwise, quantize_blockwise
+from graph_passes.quantize_weights import WeightFormat, dequantize_blockwise, quantize_blockwise, stored_block_size
 from model_src.checkpoint import checkpoint_name, iter_tensors, weight_files
 from model_src.config import load_config
 from model_src.model import Qwen3VL
@@ -100,7 +100,7 @@ def most_sensitive(sensitivities: dict[str, float], count: int) -> list[str]:
 def _fake_quantized(weight: np.ndarray, form: WeightFormat) -> np.ndarray:
     """quantize -> dequantize of a (out, in) linear weight along `in`, with the pass's block rule."""
     k = weight.shape[1]
-    block_size = min(form.block_size, max(16, 1 << (k - 1).bit_length()))
+    block_size = stored_block_size(form.block_size, k)
     packed = quantize_blockwise(weight, form.bits, block_size, form.symmetric, rows=True,
                                 scale_search=form.scale_search)
     return dequantize_blockwise(*packed, k, form.bits, block_size, rows=True)

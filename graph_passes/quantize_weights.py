@@ -97,6 +97,12 @@ def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, zero_points: np
     return w if rows else np.ascontiguousarray(w.T)
 
 
+def stored_block_size(block_size: int, k: int) -> int:
+    """The block a weight of input size `k` is stored in: a block longer than K holds K values and
+    padding, and a shorter block (a power of two, at least 16) quantizes identically without it."""
+    return min(block_size, max(16, 1 << (k - 1).bit_length()))
+
+
 def _check_format(bits: int, block_size: int) -> None:
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -371,9 +377,7 @@ class QuantizeWeights:
         rows = layout == "nk"
         k = source.shape[1] if rows else source.shape[0]
         form, reason = self.format_of(name)
-        # A block longer than K holds K values and padding: a shorter block quantizes identically
-        # and stores no padding.
-        block_size = min(form.block_size, max(16, 1 << (k - 1).bit_length()))
+        block_size = stored_block_size(form.block_size, k)
         packed, scales, zero_points = quantize_blockwise(source, form.bits, block_size, form.symmetric,
                                                          rows=rows, scale_dtype=source.dtype,
                                                          scale_search=form.scale_search)

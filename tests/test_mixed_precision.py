@@ -118,11 +118,55 @@ def test_keep_sensitive_keeps_the_boosted_linear_at_8_bits_and_logs_why(boosted_
     assert raw["quantization"]["sensitivity"]["kept"] == sensitivity["kept"]
 
 
+def test_weight_budget_gives_the_boosted_linear_8_bits_and_fits(boosted_checkpoint, tmp_path):
+    """A budget of every linear in 4-bit blocks of 128, plus the boosted linear's step to 8 bits:
+    the boosted one gets 8 bits, and the engine reads what the build planned, within the budget."""
+    from bench.bandwidth import decoder_weight_bytes
+    from export.precision_allocation import candidate_formats, head_and_norm_bytes, stored_bytes
+    from export.quantization_plan import body_format, head_format
+    from model_src.config import load_config
+
+    text = load_config(boosted_checkpoint).text
+    body = body_format("int4", 64, True, "clip")
+    cheapest, eight = candidate_formats(body)[0], candidate_formats(body)[-1]
+    shapes = {"q_proj": (text.num_attention_heads * text.head_dim, text.hidden_size),
+              "k_proj": (text.num_key_value_heads * text.head_dim, text.hidden_size),
+              "v_proj": (text.num_key_value_heads * text.head_dim, text.hidden_size),
+              "o_proj": (text.hidden_size, text.num_attention_heads * text.head_dim),
+              "gate_proj": (text.intermediate_size, text.hidden_size),
+              "up_proj": (text.intermediate_size, text.hidden_size),
+              "down_proj": (text.hidden_size, text.intermediate_size)}
+    linears = text.num_hidden_layers * sum(stored_bytes(shape, cheapest) for shape in shapes.values())
+    boost = stored_bytes(shapes["up_proj"], eight) - stored_bytes(shapes["up_proj"], cheapest)
+    head = stored_bytes((text.vocab_size, text.hidden_size), head_format("int4", body, None))
+    norms = 4 * (text.num_hidden_layers * 2 * (text.hidden_size + text.head_dim) + text.hidden_size)
+    assert head_and_norm_bytes(text, head_format("int4", body, None)) == head + norms
+    budget = head + norms + linears + boost
+    result = qwen3vl("build", "--checkpoint", str(boosted_checkpoint), "--out", str(tmp_path / "engine"),
+                     "--precision", "int4", "--weight-budget", str(budget))
+    assert result.returncode == 0, result.stderr
+    assert "format errors: 28/28 linears" in result.stderr and "weight budget: " in result.stderr
+    manifest = load_manifest(tmp_path / "engine")
+    records = manifest.quantization["tensors"]["decoder"]
+    assert records[BOOSTED]["bits"] == 8 and records[BOOSTED]["reason"] == "budget"
+    assert {r["bits"] for name, r in records.items() if name not in (BOOSTED, HEAD)} == {4}
+    plan = manifest.quantization["budget"]
+    assert plan["planned_bytes_per_token"] <= budget
+    assert decoder_weight_bytes(tmp_path / "engine", manifest) == pytest.approx(plan["planned_bytes_per_token"],
+                                                                                rel=1e-3)
+    # What the plan counted per linear is what the quantizer stored.
+    assert sum(r["bytes"] for r in records.values()) == plan["planned_bytes_per_token"] - norms
+
+
 @pytest.mark.parametrize("arguments,fragments", [
     (["--precision", "int8", "--keep-sensitive", "2"], ["--keep-sensitive", "--precision int4"]),
     (["--precision", "fp32", "--head-bits", "8"], ["--head-bits", "fp32"]),
     (["--precision", "int4", "--keep-sensitive", "-1"], ["--keep-sensitive -1"]),
     (["--precision", "int4", "--scale-search", "mse"], ["--scale-search", "invalid choice"]),
+    (["--precision", "fp32", "--weight-budget", "1GB"], ["--weight-budget", "fp32"]),
+    (["--precision", "int4", "--weight-budget", "1GB", "--keep-sensitive", "2"], ["--keep-sensitive"]),
+    (["--precision", "int4", "--weight-budget", "1MB"], ["--weight-budget 0.001 GB", "lm_head"]),
+    (["--precision", "int4", "--weight-budget", "lots"], ["not a memory size"]),
 ])
 def test_bad_quantization_options_are_refused_in_one_line(tiny_checkpoints, tmp_path, arguments, fragments):
     result = qwen3vl("build", "--checkpoint", str(tiny_checkpoints["gqa2-tied"]), "--out", str(tmp_path / "e"),
