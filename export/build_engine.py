@@ -36,7 +36,7 @@ from graph_passes.quantize_weights import WeightFormat
 
 from .decoder_graph import export_decoder
 from .engine_folder import EngineReplacement, check_target
-from .precision_allocation import SAMPLE_ROWS, allocate, candidate_formats, format_errors, head_and_norm_bytes
+from .precision_allocation import SAMPLE_ROWS, allocate, candidate_formats, format_errors, other_bytes_per_token
 from .quantization_plan import DEFAULT_SCALE_SEARCH, body_format, head_format, weight_overrides
 from .sensitivity import CALIBRATION_TOKENS, linear_sensitivities, most_sensitive
 from .kv_calibration import calibrate_kv_scales
@@ -141,8 +141,9 @@ def build_engine(
     if max_context > config.text.max_position_embeddings:
         raise Qwen3VLError(f"--max-context {max_context} exceeds the model's "
                            f"{config.text.max_position_embeddings} positions")
+    fixed = None  # with a weight budget: the bytes read per token outside the linears
     if weight_budget is not None:
-        fixed = head_and_norm_bytes(config.text, head_format(precision, body, head_bits))
+        fixed = other_bytes_per_token(config.text, head_format(precision, body, head_bits), kv_dtype, kv_scales)
         if weight_budget <= fixed:
             raise Qwen3VLError(f"--weight-budget {weight_budget / 1e9:.3f} GB is under the {fixed / 1e9:.3f} GB that "
                                f"the lm_head and the norms read per token alone")
@@ -156,8 +157,8 @@ def build_engine(
     staging = replacement.staging
     try:
         applied = []
-        quantization = _plan_quantization(checkpoint_dir, config, precision, body, head_bits, keep_sensitive,
-                                          weight_budget, progress)
+        quantization = _plan_quantization(checkpoint_dir, precision, body, head_bits, keep_sensitive,
+                                          (weight_budget, fixed), progress)
         vision_float, vision_record = _plan_vision_islands(checkpoint_dir, keep_sensitive_vision, backend,
                                                            block_size, symmetric, progress)
         if vision_record:
@@ -220,15 +221,16 @@ def build_engine(
     return out
 
 
-def _plan_quantization(checkpoint_dir: Path, config, precision: str, body, head_bits: int | None,
-                       keep_sensitive: int, weight_budget: int | None, progress) -> dict | None:
+def _plan_quantization(checkpoint_dir: Path, precision: str, body, head_bits: int | None, keep_sensitive: int,
+                       budget: tuple[int | None, int | None], progress) -> dict | None:
     """int8/int4: {"overrides": the decoder weights that do not get `body`, "record": the manifest's
     `quantization` (tensors filled in as the passes run; the sensitivities and the budget's
-    allocation, when measured)}."""
+    allocation, when measured)}. `budget`: (--weight-budget, the bytes per token outside the linears)."""
     if precision not in ("int8", "int4"):
         return None
     record: dict = {"default": asdict(body), "tensors": {}}
     sensitive, allocated = [], None
+    weight_budget, fixed = budget
     if keep_sensitive or weight_budget is not None:
         start = time.perf_counter()
         progress(f"sensitivity: each decoder linear alone at {body.label} on {CALIBRATION_TOKENS} calibration tokens")
@@ -242,15 +244,13 @@ def _plan_quantization(checkpoint_dir: Path, config, precision: str, body, head_
         progress(f"sensitivity: kept at 8 bits: {ranked}")
         record["sensitivity"]["kept"] = sensitive
     if weight_budget is not None:
-        allocated, record["budget"] = _allocate(checkpoint_dir, config, precision, body, head_bits, sensitivities,
-                                                weight_budget, progress)
+        allocated, record["budget"] = _allocate(checkpoint_dir, body, sensitivities, weight_budget, fixed, progress)
     return {"overrides": weight_overrides(precision, body, head_bits, sensitive, allocated), "record": record}
 
 
-def _allocate(checkpoint_dir: Path, config, precision: str, body, head_bits: int | None,
-              sensitivities: dict[str, float], weight_budget: int, progress) -> tuple[dict, dict]:
+def _allocate(checkpoint_dir: Path, body, sensitivities: dict[str, float], weight_budget: int, fixed: int,
+              progress) -> tuple[dict, dict]:
     """--weight-budget: (weight name -> format, the manifest's record of the allocation)."""
-    fixed = head_and_norm_bytes(config.text, head_format(precision, body, head_bits))
     formats = candidate_formats(body)
     errors, shapes = format_errors(checkpoint_dir, list(sensitivities), formats, progress=progress)
     allocation = allocate(sensitivities, body, errors, shapes, weight_budget - fixed)
@@ -259,7 +259,7 @@ def _allocate(checkpoint_dir: Path, config, precision: str, body, head_bits: int
              + ", ".join(f"{count} linears {label}" for label, count in sorted(counts.items())))
     return allocation.formats, {
         "bytes_per_token": weight_budget, "planned_bytes_per_token": allocation.bytes + fixed,
-        "head_and_norm_bytes": fixed, "formats": dict(sorted(counts.items())),
+        "other_bytes_per_token": fixed, "formats": dict(sorted(counts.items())),
         "estimated_kl_sum": sum(allocation.estimated_kl.values()),
         "format_errors": "relative squared error of each candidate format on "
                          f"{SAMPLE_ROWS} rows of each linear; estimated KL = sensitivity x error ratio"}

@@ -47,11 +47,15 @@ def stored_bytes(shape: tuple[int, int], form: WeightFormat) -> int:
     return codes + n * blocks * 4 + zero_points
 
 
-def head_and_norm_bytes(text_config, head: WeightFormat) -> int:
-    """What the decoder reads per token besides its linears: the lm_head in `head`'s format and the
-    float32 norms (two per layer, the q/k norms, the final one)."""
+def other_bytes_per_token(text_config, head: WeightFormat, kv_dtype: str | None = None,
+                          kv_scales: str = "per_channel") -> int:
+    """What the decoder reads per token besides its linears: the lm_head in `head`'s format, the
+    float32 norms (two per layer, the q/k norms, the final one) and an int8 KV cache's scales."""
     t = text_config
-    return (stored_bytes((t.vocab_size, t.hidden_size), head)
+    scales = 0
+    if kv_dtype == "int8":
+        scales = 4 * t.num_hidden_layers * 2 * (t.num_key_value_heads * t.head_dim if kv_scales == "per_channel" else 1)
+    return (stored_bytes((t.vocab_size, t.hidden_size), head) + scales
             + 4 * (t.num_hidden_layers * 2 * (t.hidden_size + t.head_dim) + t.hidden_size))
 
 

@@ -122,7 +122,7 @@ def test_weight_budget_gives_the_boosted_linear_8_bits_and_fits(boosted_checkpoi
     """A budget of every linear in 4-bit blocks of 128, plus the boosted linear's step to 8 bits:
     the boosted one gets 8 bits, and the engine reads what the build planned, within the budget."""
     from bench.bandwidth import decoder_weight_bytes
-    from export.precision_allocation import candidate_formats, head_and_norm_bytes, stored_bytes
+    from export.precision_allocation import candidate_formats, other_bytes_per_token, stored_bytes
     from export.quantization_plan import body_format, head_format
     from model_src.config import load_config
 
@@ -140,8 +140,10 @@ def test_weight_budget_gives_the_boosted_linear_8_bits_and_fits(boosted_checkpoi
     boost = stored_bytes(shapes["up_proj"], eight) - stored_bytes(shapes["up_proj"], cheapest)
     head = stored_bytes((text.vocab_size, text.hidden_size), head_format("int4", body, None))
     norms = 4 * (text.num_hidden_layers * 2 * (text.hidden_size + text.head_dim) + text.hidden_size)
-    assert head_and_norm_bytes(text, head_format("int4", body, None)) == head + norms
-    budget = head + norms + linears + boost
+    # The int4 default stores the KV cache in int8: its scales, one per KV channel per layer, are read too.
+    scales = 4 * text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim
+    assert other_bytes_per_token(text, head_format("int4", body, None), "int8") == head + norms + scales
+    budget = head + norms + scales + linears + boost
     result = qwen3vl("build", "--checkpoint", str(boosted_checkpoint), "--out", str(tmp_path / "engine"),
                      "--precision", "int4", "--weight-budget", str(budget))
     assert result.returncode == 0, result.stderr
@@ -155,7 +157,7 @@ def test_weight_budget_gives_the_boosted_linear_8_bits_and_fits(boosted_checkpoi
     assert decoder_weight_bytes(tmp_path / "engine", manifest) == pytest.approx(plan["planned_bytes_per_token"],
                                                                                 rel=1e-3)
     # What the plan counted per linear is what the quantizer stored.
-    assert sum(r["bytes"] for r in records.values()) == plan["planned_bytes_per_token"] - norms
+    assert sum(r["bytes"] for r in records.values()) == plan["planned_bytes_per_token"] - norms - scales
 
 
 @pytest.mark.parametrize("arguments,fragments", [
