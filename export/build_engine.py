@@ -36,7 +36,8 @@ from graph_passes.quantize_weights import WeightFormat
 
 from .decoder_graph import export_decoder
 from .engine_folder import EngineReplacement, check_target
-from .precision_allocation import SAMPLE_ROWS, allocate, candidate_formats, format_errors, other_bytes_per_token
+from .precision_allocation import (SAMPLE_ROWS, allocate, candidate_formats, format_errors, other_bytes_per_token,
+                                   smallest_bytes_per_token)
 from .quantization_plan import DEFAULT_SCALE_SEARCH, body_format, head_format, weight_overrides
 from .sensitivity import CALIBRATION_TOKENS, linear_sensitivities, most_sensitive
 from .kv_calibration import calibrate_kv_scales
@@ -143,10 +144,14 @@ def build_engine(
                            f"{config.text.max_position_embeddings} positions")
     fixed = None  # with a weight budget: the bytes read per token outside the linears
     if weight_budget is not None:
-        fixed = other_bytes_per_token(config.text, head_format(precision, body, head_bits), kv_dtype, kv_scales)
-        if weight_budget <= fixed:
-            raise Qwen3VLError(f"--weight-budget {weight_budget / 1e9:.3f} GB is under the {fixed / 1e9:.3f} GB that "
-                               f"the lm_head and the norms read per token alone")
+        # Without --head-bits the allocation places the lm_head too.
+        head = None if head_bits is None else head_format(precision, body, head_bits)
+        fixed = other_bytes_per_token(config.text, head, kv_dtype, kv_scales)
+        least = fixed + smallest_bytes_per_token(config.text, body, head_placed=head is None)
+        if weight_budget < least:
+            raise Qwen3VLError(f"--weight-budget {weight_budget / 1e9:.3f} GB is under the {least / 1e9:.3f} GB this "
+                               f"model reads per token with every linear{' and the lm_head' if head is None else ''} "
+                               f"in 4-bit blocks of 128")
     dtype = PRECISIONS[precision]
     _check_weights(checkpoint_dir, config)
     # The checkpoint's other settings are read before minutes of export, so their errors come first.
@@ -234,12 +239,13 @@ def _plan_quantization(checkpoint_dir: Path, precision: str, body, head_bits: in
     if keep_sensitive or weight_budget is not None:
         start = time.perf_counter()
         progress(f"sensitivity: each decoder linear alone at {body.label} on {CALIBRATION_TOKENS} calibration tokens")
-        sensitivities = linear_sensitivities(checkpoint_dir, body, progress=progress)
+        sensitivities = linear_sensitivities(checkpoint_dir, body, progress=progress,
+                                             include_head=weight_budget is not None and head_bits is None)
         progress(f"sensitivity: done in {time.perf_counter() - start:.0f} s")
         record["sensitivity"] = {"metric": "mean KL(fp32 || this linear alone quantized), nats",
                                  "calibration_tokens": CALIBRATION_TOKENS, "kl": sensitivities}
     if keep_sensitive:
-        sensitive = most_sensitive(sensitivities, keep_sensitive)
+        sensitive = most_sensitive(sensitivities, keep_sensitive)  # linears only: the head is 8-bit already
         ranked = ", ".join(f"{_short(name)} {sensitivities[name]:.2e}" for name in sensitive)
         progress(f"sensitivity: kept at 8 bits: {ranked}")
         record["sensitivity"]["kept"] = sensitive

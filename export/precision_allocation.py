@@ -1,5 +1,6 @@
 """Each decoder linear's format under a budget of bytes read per decoded token (`qwen3vl build
 --precision int4 --weight-budget SIZE`): the formats go where the output is most sensitive to them.
+Unless --head-bits fixes it, the lm_head (the tied embedding) is one more weight to place.
 
 Inputs: each linear's measured sensitivity at the build's body format (export/sensitivity.py: KL of
 the output when that linear alone is quantized), and each linear's relative squared error in every
@@ -47,16 +48,35 @@ def stored_bytes(shape: tuple[int, int], form: WeightFormat) -> int:
     return codes + n * blocks * 4 + zero_points
 
 
-def other_bytes_per_token(text_config, head: WeightFormat, kv_dtype: str | None = None,
+def other_bytes_per_token(text_config, head: WeightFormat | None, kv_dtype: str | None = None,
                           kv_scales: str = "per_channel") -> int:
-    """What the decoder reads per token besides its linears: the lm_head in `head`'s format, the
-    float32 norms (two per layer, the q/k norms, the final one) and an int8 KV cache's scales."""
+    """What the decoder reads per token besides the allocated weights: the lm_head in `head`'s format
+    (None: the allocation places it), the float32 norms (two per layer, the q/k norms, the final one)
+    and an int8 KV cache's scales."""
     t = text_config
     scales = 0
     if kv_dtype == "int8":
         scales = 4 * t.num_hidden_layers * 2 * (t.num_key_value_heads * t.head_dim if kv_scales == "per_channel" else 1)
-    return (stored_bytes((t.vocab_size, t.hidden_size), head) + scales
-            + 4 * (t.num_hidden_layers * 2 * (t.hidden_size + t.head_dim) + t.hidden_size))
+    head_bytes = 0 if head is None else stored_bytes((t.vocab_size, t.hidden_size), head)
+    return head_bytes + scales + 4 * (t.num_hidden_layers * 2 * (t.hidden_size + t.head_dim) + t.hidden_size)
+
+
+def linear_shapes(text_config) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear of one decoder layer, by its name in the layer."""
+    t = text_config
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    return {"self_attn.q_proj": (q, t.hidden_size), "self_attn.k_proj": (kv, t.hidden_size),
+            "self_attn.v_proj": (kv, t.hidden_size), "self_attn.o_proj": (t.hidden_size, q),
+            "mlp.gate_proj": (t.intermediate_size, t.hidden_size), "mlp.up_proj": (t.intermediate_size, t.hidden_size),
+            "mlp.down_proj": (t.hidden_size, t.intermediate_size)}
+
+
+def smallest_bytes_per_token(text_config, body: WeightFormat, head_placed: bool) -> int:
+    """The allocated weights' bytes in the cheapest candidate everywhere: the least a budget can give them."""
+    cheapest = candidate_formats(body)[0]
+    t = text_config
+    layers = t.num_hidden_layers * sum(stored_bytes(shape, cheapest) for shape in linear_shapes(t).values())
+    return layers + (stored_bytes((t.vocab_size, t.hidden_size), cheapest) if head_placed else 0)
 
 
 def format_errors(checkpoint_dir: str | Path, names: list[str], formats: list[WeightFormat],

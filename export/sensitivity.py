@@ -29,6 +29,7 @@ from runtime.errors import CheckpointError
 # The linears of one decoder layer, as the graph names their weights (language_model.layers.N.<this>.weight).
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+HEAD_NAME, UNTIED_HEAD_NAME = "language_model.embed_tokens.weight", "lm_head.weight"  # as the graph names them
 CALIBRATION_TOKENS = 32
 CALIBRATION_TEXT = (
     "The harbour was quiet before dawn. Fishing boats rocked against the pier while gulls argued over "
@@ -44,8 +45,11 @@ def weight_name(layer: int, linear: str) -> str:
 
 @torch.no_grad()
 def linear_sensitivities(checkpoint_dir: str | Path, form: WeightFormat, tokens: int = CALIBRATION_TOKENS,
-                         progress: Callable[[str], None] = lambda message: None) -> dict[str, float]:
-    """Weight name -> mean KL (nats) of the final logits when that weight alone is quantized in `form`."""
+                         progress: Callable[[str], None] = lambda message: None,
+                         include_head: bool = False) -> dict[str, float]:
+    """Weight name -> mean KL (nats) of the final logits when that weight alone is quantized in `form`.
+    With `include_head`, the lm_head too (HEAD_NAME or UNTIED_HEAD_NAME): a tied table quantized
+    where the layers read it as well (the embedding rows) and where it makes the logits."""
     checkpoint_dir = Path(checkpoint_dir)
     decoder, head = _load_text_model(checkpoint_dir)
     ids = _calibration_ids(checkpoint_dir, tokens)
@@ -90,6 +94,18 @@ def linear_sensitivities(checkpoint_dir: str | Path, form: WeightFormat, tokens:
         worst = max((found[weight_name(layer, linear)], linear) for linear in LAYER_LINEARS)
         progress(f"sensitivity: layer {layer} done ({done}/{count} linears, {time.perf_counter() - start:.0f} s); "
                  f"most sensitive here {worst[1]} KL {worst[0]:.2e}")
+    if include_head:
+        tied = head is decoder.embed_tokens.weight
+        quantized = torch.from_numpy(_fake_quantized(head.numpy(), form))
+        x = torch.nn.functional.embedding(ids, quantized) if tied else inputs[-1]
+        if tied:
+            for block in decoder.layers:
+                x = block(x, cos, sin, empty, empty, seqlens_k, total)[0]
+        logprobs = torch.log_softmax(decoder.norm(x)[0] @ quantized.T, dim=-1)
+        name = HEAD_NAME if tied else UNTIED_HEAD_NAME
+        found[name] = float((reference_p * (reference - logprobs)).sum(-1).mean())
+        progress(f"sensitivity: the lm_head ({'tied' if tied else 'untied'}) KL {found[name]:.2e} "
+                 f"({time.perf_counter() - start:.0f} s)")
     return found
 
 

@@ -118,46 +118,71 @@ def test_keep_sensitive_keeps_the_boosted_linear_at_8_bits_and_logs_why(boosted_
     assert raw["quantization"]["sensitivity"]["kept"] == sensitivity["kept"]
 
 
+def _budget_build(checkpoint, out, budget, *options):
+    result = qwen3vl("build", "--checkpoint", str(checkpoint), "--out", str(out), "--precision", "int4",
+                     "--weight-budget", str(budget), *options)
+    assert result.returncode == 0, result.stderr
+    assert "format errors: " in result.stderr and "weight budget: " in result.stderr
+    return result, load_manifest(out)
+
+
 def test_weight_budget_gives_the_boosted_linear_8_bits_and_fits(boosted_checkpoint, tmp_path):
-    """A budget of every linear in 4-bit blocks of 128, plus the boosted linear's step to 8 bits:
-    the boosted one gets 8 bits, and the engine reads what the build planned, within the budget."""
+    """With the head fixed at 8 bits, a budget of every linear in 4-bit blocks of 128 plus the boosted
+    linear's step to 8 bits: the boosted one gets 8 bits, and the engine reads what the build planned,
+    within the budget."""
     from bench.bandwidth import decoder_weight_bytes
-    from export.precision_allocation import candidate_formats, other_bytes_per_token, stored_bytes
+    from export.precision_allocation import candidate_formats, linear_shapes, other_bytes_per_token, stored_bytes
     from export.quantization_plan import body_format, head_format
     from model_src.config import load_config
 
     text = load_config(boosted_checkpoint).text
     body = body_format("int4", 64, True, "clip")
     cheapest, eight = candidate_formats(body)[0], candidate_formats(body)[-1]
-    shapes = {"q_proj": (text.num_attention_heads * text.head_dim, text.hidden_size),
-              "k_proj": (text.num_key_value_heads * text.head_dim, text.hidden_size),
-              "v_proj": (text.num_key_value_heads * text.head_dim, text.hidden_size),
-              "o_proj": (text.hidden_size, text.num_attention_heads * text.head_dim),
-              "gate_proj": (text.intermediate_size, text.hidden_size),
-              "up_proj": (text.intermediate_size, text.hidden_size),
-              "down_proj": (text.hidden_size, text.intermediate_size)}
+    shapes = linear_shapes(text)
+    assert shapes["mlp.down_proj"] == (text.hidden_size, text.intermediate_size)
     linears = text.num_hidden_layers * sum(stored_bytes(shape, cheapest) for shape in shapes.values())
-    boost = stored_bytes(shapes["up_proj"], eight) - stored_bytes(shapes["up_proj"], cheapest)
-    head = stored_bytes((text.vocab_size, text.hidden_size), head_format("int4", body, None))
+    boost = stored_bytes(shapes["mlp.up_proj"], eight) - stored_bytes(shapes["mlp.up_proj"], cheapest)
+    head = stored_bytes((text.vocab_size, text.hidden_size), head_format("int4", body, 8))
     norms = 4 * (text.num_hidden_layers * 2 * (text.hidden_size + text.head_dim) + text.hidden_size)
     # The int4 default stores the KV cache in int8: its scales, one per KV channel per layer, are read too.
     scales = 4 * text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim
-    assert other_bytes_per_token(text, head_format("int4", body, None), "int8") == head + norms + scales
+    assert other_bytes_per_token(text, head_format("int4", body, 8), "int8") == head + norms + scales
     budget = head + norms + scales + linears + boost
-    result = qwen3vl("build", "--checkpoint", str(boosted_checkpoint), "--out", str(tmp_path / "engine"),
-                     "--precision", "int4", "--weight-budget", str(budget))
-    assert result.returncode == 0, result.stderr
-    assert "format errors: 28/28 linears" in result.stderr and "weight budget: " in result.stderr
-    manifest = load_manifest(tmp_path / "engine")
+    result, manifest = _budget_build(boosted_checkpoint, tmp_path / "engine", budget, "--head-bits", "8")
+    assert "format errors: 28/28 linears" in result.stderr
     records = manifest.quantization["tensors"]["decoder"]
     assert records[BOOSTED]["bits"] == 8 and records[BOOSTED]["reason"] == "budget"
+    assert records[HEAD]["reason"] == "head" and HEAD not in manifest.quantization["sensitivity"]["kl"]
     assert {r["bits"] for name, r in records.items() if name not in (BOOSTED, HEAD)} == {4}
     plan = manifest.quantization["budget"]
     assert plan["planned_bytes_per_token"] <= budget
-    assert decoder_weight_bytes(tmp_path / "engine", manifest) == pytest.approx(plan["planned_bytes_per_token"],
-                                                                                rel=1e-3)
+    assert decoder_weight_bytes(tmp_path / "engine", manifest) == plan["planned_bytes_per_token"]
     # What the plan counted per linear is what the quantizer stored.
     assert sum(r["bytes"] for r in records.values()) == plan["planned_bytes_per_token"] - norms - scales
+
+
+def test_weight_budget_places_the_head_unless_head_bits_is_given(tiny_checkpoints, tmp_path):
+    """Without --head-bits the tied table is one more weight to place: measured, given a format by the
+    allocation, counted in the plan. A budget of everything in 4-bit blocks of 128 leaves it there."""
+    from bench.bandwidth import decoder_weight_bytes
+    from export.precision_allocation import other_bytes_per_token, smallest_bytes_per_token
+    from export.quantization_plan import body_format
+    from model_src.config import load_config
+
+    checkpoint = tiny_checkpoints["gqa2-tied"]
+    text, body = load_config(checkpoint).text, body_format("int4", 64, True, "clip")
+    least = other_bytes_per_token(text, None, "int8") + smallest_bytes_per_token(text, body, head_placed=True)
+    result, manifest = _budget_build(checkpoint, tmp_path / "least", least)
+    assert "sensitivity: the lm_head (tied) KL" in result.stderr
+    records = manifest.quantization["tensors"]["decoder"]
+    assert manifest.quantization["sensitivity"]["kl"][HEAD] > 0
+    assert records[HEAD]["reason"] == "budget" and records[HEAD]["bits"] == 4
+    assert decoder_weight_bytes(tmp_path / "least", manifest) == manifest.quantization["budget"][
+        "planned_bytes_per_token"] == least
+    refused = qwen3vl("build", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "under"), "--precision", "int4",
+                      "--weight-budget", str(least - 1))
+    assert_one_line_error(refused, "--weight-budget", "and the lm_head", "4-bit blocks of 128")
+    assert not (tmp_path / "under").exists()
 
 
 @pytest.mark.parametrize("arguments,fragments", [
