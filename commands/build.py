@@ -36,9 +36,9 @@ def add_parser(subparsers) -> None:
                              "minutes on 2B) and keep the N most sensitive at 8 bits")
     parser.add_argument("--weight-budget", metavar="SIZE",
                         help="int4/int8: bytes of weights read per decoded token (e.g. 1.1GB, as `qwen3vl bench` "
-                             "reports them): measures each decoder linear's sensitivity (a few minutes on 2B) and "
-                             "gives the most sensitive 8 bits or smaller blocks, the rest 4-bit blocks of 128, "
-                             "to fit")
+                             "reports them) or bits per weight (e.g. 4.5bpw): measures each decoder linear's "
+                             "sensitivity (a few minutes on 2B) and gives the most sensitive 8 bits or smaller "
+                             "blocks, the rest 4-bit blocks of 128, to fit; the lm_head too unless --head-bits")
     parser.add_argument("--vision-precision", choices=("fp32", "int8"), default=None,
                         help="vision encoder weights; int8 (default for int8/int4 builds) also computes in INT8 "
                              "on the CPU, ~1.5x faster than fp32 (the default for fp32/fp16 builds)")
@@ -76,7 +76,6 @@ def run(args) -> int:
     if args.engine or not args.checkpoint or not args.out:
         raise Qwen3VLError("build needs --checkpoint and --out (or --engine E --compile-only)")
     from export.build_engine import build_engine
-    from runtime.memory_plan import parse_size
 
     out = build_engine(args.checkpoint, args.out, backend=args.backend, precision=args.precision,
                        max_context=args.max_context, progress=progress, block_size=args.block_size,
@@ -84,8 +83,17 @@ def run(args) -> int:
                        kv_dtype=args.kv_dtype, head_bits=args.head_bits, scale_search=args.scale_search,
                        keep_sensitive_vision=args.keep_sensitive_vision,
                        keep_sensitive=args.keep_sensitive,
-                       weight_budget=None if args.weight_budget is None else parse_size(args.weight_budget))
+                       weight_budget=_weight_budget(args.weight_budget))
     progress(f"engine written to {out}")
     if args.backend == "trt":
         compile_plans(out, progress, plugins=args.plugins, settings=settings)
     return 0
+
+
+def _weight_budget(text: str | None) -> int | str | None:
+    """--weight-budget: bits per weight ("4.5bpw") as given, else a size in bytes."""
+    from runtime.memory_plan import parse_size
+
+    if text is None or text.strip().lower().endswith("bpw"):
+        return text
+    return parse_size(text)

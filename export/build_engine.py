@@ -36,8 +36,8 @@ from graph_passes.quantize_weights import WeightFormat
 
 from .decoder_graph import export_decoder
 from .engine_folder import EngineReplacement, check_target
-from .precision_allocation import (SAMPLE_ROWS, allocate, candidate_formats, format_errors, other_bytes_per_token,
-                                   smallest_bytes_per_token)
+from .precision_allocation import (SAMPLE_ROWS, allocate, budget_bytes, candidate_formats, format_errors,
+                                   other_bytes_per_token, smallest_bytes_per_token)
 from .quantization_plan import DEFAULT_SCALE_SEARCH, body_format, head_format, weight_overrides
 from .sensitivity import CALIBRATION_TOKENS, linear_sensitivities, most_sensitive
 from .kv_calibration import calibrate_kv_scales
@@ -81,7 +81,7 @@ def build_engine(
     head_bits: int | None = None,
     scale_search: str = DEFAULT_SCALE_SEARCH,
     keep_sensitive: int = 0,
-    weight_budget: int | None = None,
+    weight_budget: int | str | None = None,
 ) -> Path:
     """`apply_graph_passes=False` keeps the graphs as exported (tests compare passes against them).
     `vision_precision` "fp32" or "int8"; default int8 for int8/int4 builds, else the graph's dtype.
@@ -91,7 +91,8 @@ def build_engine(
     `kv_scales` of an int8 cache: "per_channel" (per KV head and dimension) or "per_tensor".
     int8/int4: `head_bits` of the tied embedding/lm_head (default 8), `scale_search` "clip" or "none"
     (max-abs), `keep_sensitive` N decoder linears at 8 bits (int4; export/quantization_plan.py), or
-    `weight_budget` bytes read per decoded token shared out by sensitivity (export/precision_allocation.py)."""
+    `weight_budget` bytes read per decoded token (or "4.5bpw": bits per weight) shared out by sensitivity
+    (export/precision_allocation.py)."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if block_size not in BLOCK_SIZES:
         raise Qwen3VLError(f"unsupported block size {block_size} (choose from {', '.join(map(str, BLOCK_SIZES))})")
@@ -131,7 +132,7 @@ def build_engine(
             raise Qwen3VLError(f"--weight-budget shares out the formats of int8/int4 builds, not {precision}")
         if keep_sensitive:
             raise Qwen3VLError("--weight-budget already chooses which linears get 8 bits: drop --keep-sensitive")
-        if weight_budget <= 0:
+        if isinstance(weight_budget, int) and weight_budget <= 0:
             raise Qwen3VLError(f"--weight-budget {weight_budget}: give a size, e.g. 1.1GB")
     check_target(out, checkpoint_dir)
 
@@ -147,6 +148,7 @@ def build_engine(
         # Without --head-bits the allocation places the lm_head too.
         head = None if head_bits is None else head_format(precision, body, head_bits)
         fixed = other_bytes_per_token(config.text, head, kv_dtype, kv_scales)
+        weight_budget = budget_bytes(weight_budget, config.text, fixed, head_placed=head is None)
         least = fixed + smallest_bytes_per_token(config.text, body, head_placed=head is None)
         if weight_budget < least:
             raise Qwen3VLError(f"--weight-budget {weight_budget / 1e9:.3f} GB is under the {least / 1e9:.3f} GB this "

@@ -79,6 +79,29 @@ def smallest_bytes_per_token(text_config, body: WeightFormat, head_placed: bool)
     return layers + (stored_bytes((t.vocab_size, t.hidden_size), cheapest) if head_placed else 0)
 
 
+def placed_parameters(text_config, head_placed: bool) -> int:
+    """How many weights the allocation places: every linear of every layer, and the lm_head's."""
+    t = text_config
+    layers = t.num_hidden_layers * sum(n * k for n, k in linear_shapes(t).values())
+    return layers + (t.vocab_size * t.hidden_size if head_placed else 0)
+
+
+def budget_bytes(budget: int | str, text_config, fixed: int, head_placed: bool) -> int:
+    """A --weight-budget in bytes read per token: bytes as given, or "4.5bpw" (the placed weights at
+    that many bits each on average, scales included) plus the `fixed` bytes read besides them."""
+    if isinstance(budget, int):
+        return budget
+    text = budget.strip().lower()
+    try:
+        bits = float(text.removesuffix("bpw")) if text.endswith("bpw") else None
+    except ValueError:
+        bits = None
+    if bits is None or not 0 < bits <= 32:
+        raise Qwen3VLError(f"--weight-budget {budget!r}: give bytes read per token (e.g. 1.1GB) or bits per "
+                           f"weight (e.g. 4.5bpw)")
+    return fixed + int(bits * placed_parameters(text_config, head_placed) / 8)
+
+
 def format_errors(checkpoint_dir: str | Path, names: list[str], formats: list[WeightFormat],
                   rows: int = SAMPLE_ROWS, progress: Callable[[str], None] = lambda message: None
                   ) -> tuple[dict[str, dict[WeightFormat, float]], dict[str, tuple[int, int]]]:

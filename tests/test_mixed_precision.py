@@ -194,6 +194,9 @@ def test_weight_budget_places_the_head_unless_head_bits_is_given(tiny_checkpoint
     (["--precision", "int4", "--weight-budget", "1GB", "--keep-sensitive", "2"], ["--keep-sensitive"]),
     (["--precision", "int4", "--weight-budget", "1MB"], ["--weight-budget 0.001 GB", "lm_head"]),
     (["--precision", "int4", "--weight-budget", "lots"], ["not a memory size"]),
+    (["--precision", "int4", "--weight-budget", "0bpw"], ["--weight-budget '0bpw'", "4.5bpw"]),
+    (["--precision", "int4", "--weight-budget", "fourbpw"], ["--weight-budget 'fourbpw'", "4.5bpw"]),
+    (["--precision", "int4", "--weight-budget", "3bpw"], ["--weight-budget", "4-bit blocks of 128"]),
 ])
 def test_bad_quantization_options_are_refused_in_one_line(tiny_checkpoints, tmp_path, arguments, fragments):
     result = qwen3vl("build", "--checkpoint", str(tiny_checkpoints["gqa2-tied"]), "--out", str(tmp_path / "e"),

@@ -10,7 +10,8 @@ import itertools
 import numpy as np
 import pytest
 
-from export.precision_allocation import allocate, candidate_formats, format_errors, stored_bytes
+from export.precision_allocation import (allocate, budget_bytes, candidate_formats, format_errors, linear_shapes,
+                                        placed_parameters, stored_bytes)
 from graph_passes.quantize_weights import WeightFormat, quantize_blockwise, stored_block_size
 from runtime.errors import Qwen3VLError
 
@@ -127,3 +128,18 @@ def test_a_budget_under_the_smallest_formats_is_refused():
     cheapest = sum(stored_bytes(shapes[n], candidate_formats(BODY)[0]) for n in shapes)
     with pytest.raises(Qwen3VLError, match="smallest format everywhere needs"):
         allocate(sensitivities, BODY, errors, shapes, cheapest - 1)
+
+
+def test_budgets_in_bits_per_weight_count_the_placed_weights():
+    from model_src.config import TextConfig
+
+    text = TextConfig()  # the 2B decoder's shape
+    linears = text.num_hidden_layers * sum(n * k for n, k in linear_shapes(text).values())
+    assert linears == pytest.approx(1.41e9, rel=0.01)  # 28 layers of 50.3M
+    assert placed_parameters(text, head_placed=True) == linears + text.vocab_size * text.hidden_size
+    assert budget_bytes("4.5bpw", text, 1000, head_placed=False) == 1000 + int(4.5 * linears / 8)
+    assert budget_bytes(" 8BPW ", text, 0, head_placed=True) == placed_parameters(text, True)
+    assert budget_bytes(123456, text, 1000, head_placed=True) == 123456
+    for bad in ("0bpw", "bpw", "4.5", "-1bpw", "40bpw"):
+        with pytest.raises(Qwen3VLError, match="4.5bpw"):
+            budget_bytes(bad, text, 0, head_placed=True)
