@@ -38,7 +38,7 @@ from .decoder_graph import export_decoder
 from .engine_folder import EngineReplacement, check_target
 from .precision_allocation import (SAMPLE_ROWS, allocate, budget_bytes, candidate_formats, format_errors,
                                    other_bytes_per_token, smallest_bytes_per_token)
-from .quantization_plan import DEFAULT_SCALE_SEARCH, body_format, head_format, weight_overrides
+from .quantization_plan import DEFAULT_SCALE_SEARCH, HEAD_WEIGHTS, body_format, head_format, weight_overrides
 from .sensitivity import CALIBRATION_TOKENS, linear_sensitivities, most_sensitive
 from .kv_calibration import calibrate_kv_scales
 from .stand_in_weights import attach_weights, use_stand_in_parameters
@@ -262,12 +262,14 @@ def _allocate(checkpoint_dir: Path, body, sensitivities: dict[str, float], weigh
     formats = candidate_formats(body)
     errors, shapes = format_errors(checkpoint_dir, list(sensitivities), formats, progress=progress)
     allocation = allocate(sensitivities, body, errors, shapes, weight_budget - fixed)
-    counts = Counter(form.label for form in allocation.formats.values())
+    head = next((name for name in allocation.formats if name in HEAD_WEIGHTS), None)
+    counts = Counter(form.label for name, form in allocation.formats.items() if name != head)
     progress(f"weight budget: {(allocation.bytes + fixed) / 1e9:.3f} GB per token of {weight_budget / 1e9:.3f} GB; "
-             + ", ".join(f"{count} linears {label}" for label, count in sorted(counts.items())))
+             + ", ".join(f"{count} linears {label}" for label, count in sorted(counts.items()))
+             + (f"; the lm_head {allocation.formats[head].label}" if head else ""))
     return allocation.formats, {
         "bytes_per_token": weight_budget, "planned_bytes_per_token": allocation.bytes + fixed,
-        "other_bytes_per_token": fixed, "formats": dict(sorted(counts.items())),
+        "other_bytes_per_token": fixed, "linear_formats": dict(sorted(counts.items())),
         "estimated_kl_sum": sum(allocation.estimated_kl.values()),
         "format_errors": "relative squared error of each candidate format on "
                          f"{SAMPLE_ROWS} rows of each linear; estimated KL = sensitivity x error ratio"}

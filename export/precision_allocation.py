@@ -124,7 +124,7 @@ def format_errors(checkpoint_dir: str | Path, names: list[str], formats: list[We
             restored = dequantize_blockwise(*packed, sample.shape[1], form.bits, block_size, rows=True)
             errors[name][form] = float(np.square(restored - sample, dtype=np.float64).sum()) / energy
         if count % 28 == 0 or count == len(theirs):
-            progress(f"format errors: {count}/{len(theirs)} linears")
+            progress(f"format errors: {count}/{len(theirs)} weights")
     return errors, shapes
 
 

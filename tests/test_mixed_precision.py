@@ -149,7 +149,7 @@ def test_weight_budget_gives_the_boosted_linear_8_bits_and_fits(boosted_checkpoi
     assert other_bytes_per_token(text, head_format("int4", body, 8), "int8") == head + norms + scales
     budget = head + norms + scales + linears + boost
     result, manifest = _budget_build(boosted_checkpoint, tmp_path / "engine", budget, "--head-bits", "8")
-    assert "format errors: 28/28 linears" in result.stderr
+    assert "format errors: 28/28 weights" in result.stderr and "the lm_head" not in result.stderr
     records = manifest.quantization["tensors"]["decoder"]
     assert records[BOOSTED]["bits"] == 8 and records[BOOSTED]["reason"] == "budget"
     assert records[HEAD]["reason"] == "head" and HEAD not in manifest.quantization["sensitivity"]["kl"]
@@ -173,7 +173,8 @@ def test_weight_budget_places_the_head_unless_head_bits_is_given(tiny_checkpoint
     text, body = load_config(checkpoint).text, body_format("int4", 64, True, "clip")
     least = other_bytes_per_token(text, None, "int8") + smallest_bytes_per_token(text, body, head_placed=True)
     result, manifest = _budget_build(checkpoint, tmp_path / "least", least)
-    assert "sensitivity: the lm_head (tied) KL" in result.stderr
+    assert "sensitivity: the lm_head (tied) KL" in result.stderr and "format errors: 29/29 weights" in result.stderr
+    assert "; the lm_head int4:b" in result.stderr
     records = manifest.quantization["tensors"]["decoder"]
     assert manifest.quantization["sensitivity"]["kl"][HEAD] > 0
     assert records[HEAD]["reason"] == "budget" and records[HEAD]["bits"] == 4
