@@ -38,7 +38,8 @@ def add_parser(subparsers) -> None:
                         help="int4/int8: bytes of weights read per decoded token (e.g. 1.1GB, as `qwen3vl bench` "
                              "reports them) or bits per weight (e.g. 4.5bpw): measures each decoder linear's "
                              "sensitivity (a few minutes on 2B) and gives the most sensitive 8 bits or smaller "
-                             "blocks, the rest 4-bit blocks of 128, to fit; the lm_head too unless --head-bits")
+                             "blocks, the rest 4-bit blocks of 128, to fit; the lm_head too unless --head-bits. "
+                             "Default for int4: 4.5bpw; none: every linear at --block-size, no measurement")
     parser.add_argument("--vision-precision", choices=("fp32", "int8"), default=None,
                         help="vision encoder weights; int8 (default for int8/int4 builds) also computes in INT8 "
                              "on the CPU, ~1.5x faster than fp32 (the default for fp32/fp16 builds)")
@@ -91,9 +92,14 @@ def run(args) -> int:
 
 
 def _weight_budget(text: str | None) -> int | str | None:
-    """--weight-budget: bits per weight ("4.5bpw") as given, else a size in bytes."""
+    """--weight-budget: not given -> "default"; "none" -> None; bits per weight ("4.5bpw") as given;
+    else a size in bytes."""
     from runtime.memory_plan import parse_size
 
-    if text is None or text.strip().lower().endswith("bpw"):
+    if text is None:
+        return "default"
+    if text.strip().lower() == "none":
+        return None
+    if text.strip().lower().endswith("bpw"):
         return text
     return parse_size(text)

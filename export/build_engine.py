@@ -57,6 +57,13 @@ KV_DTYPES = ("fp32", "fp16", "int8")
 # faster at 4k context and adds 0.055 nats against an FP32 cache, so the weight-quantized builds, which
 # already trade exactness for memory, store int8; fp32 and fp16 builds keep their exact cache.
 DEFAULT_KV_DTYPE: dict[str, str] = {"int4": "int8", "int8": "int8"}
+# --weight-budget when not given, per precision. int4: 4.5 bits per weight, the linears' and the
+# lm_head's formats placed by measured sensitivity (export/precision_allocation.py). Measured on the 2B
+# synthetic checkpoint (docs/quantization.md): text KL 2.70 at 0.968 GB read per token, where every
+# linear in blocks of 64 with an 8-bit head gave 3.45 at 1.114 GB and llama.cpp Q4_0 3.31 at 1.048 GB.
+# The sensitivity pass adds ~6 minutes to a 2B build on 2 cores; --weight-budget none skips it. int8
+# keeps every linear in the body format by default (a budget at 8 bits was not measured).
+DEFAULT_WEIGHT_BUDGET: dict[str, str] = {"int4": "4.5bpw"}
 # "trt" also writes TensorRT-target graphs (plugin nodes) beside the ONNX Runtime ones; both read the
 # same weight files, and the ONNX Runtime graphs remain the CPU fallback.
 BACKENDS = ("ort", "trt")
@@ -81,7 +88,7 @@ def build_engine(
     head_bits: int | None = None,
     scale_search: str = DEFAULT_SCALE_SEARCH,
     keep_sensitive: int = 0,
-    weight_budget: int | str | None = None,
+    weight_budget: int | str | None = "default",
 ) -> Path:
     """`apply_graph_passes=False` keeps the graphs as exported (tests compare passes against them).
     `vision_precision` "fp32" or "int8"; default int8 for int8/int4 builds, else the graph's dtype.
@@ -92,7 +99,8 @@ def build_engine(
     int8/int4: `head_bits` of the tied embedding/lm_head (default 8), `scale_search` "clip" or "none"
     (max-abs), `keep_sensitive` N decoder linears at 8 bits (int4; export/quantization_plan.py), or
     `weight_budget` bytes read per decoded token (or "4.5bpw": bits per weight) shared out by sensitivity
-    (export/precision_allocation.py)."""
+    (export/precision_allocation.py); "default": DEFAULT_WEIGHT_BUDGET's for the precision, unless
+    keep_sensitive chooses instead; None or "none": every linear in the body format."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if block_size not in BLOCK_SIZES:
         raise Qwen3VLError(f"unsupported block size {block_size} (choose from {', '.join(map(str, BLOCK_SIZES))})")
@@ -127,6 +135,10 @@ def build_engine(
                            f"not {precision}")
     if keep_sensitive < 0:
         raise Qwen3VLError(f"--keep-sensitive {keep_sensitive}: give a count of linears, 0 or more")
+    if weight_budget == "default":
+        weight_budget = None if keep_sensitive or not apply_graph_passes else DEFAULT_WEIGHT_BUDGET.get(precision)
+    elif isinstance(weight_budget, str) and weight_budget.strip().lower() == "none":
+        weight_budget = None
     if weight_budget is not None:
         if precision not in ("int8", "int4"):
             raise Qwen3VLError(f"--weight-budget shares out the formats of int8/int4 builds, not {precision}")
@@ -143,7 +155,7 @@ def build_engine(
     if max_context > config.text.max_position_embeddings:
         raise Qwen3VLError(f"--max-context {max_context} exceeds the model's "
                            f"{config.text.max_position_embeddings} positions")
-    fixed = None  # with a weight budget: the bytes read per token outside the linears
+    fixed, requested_budget = None, weight_budget  # with a weight budget: the bytes read outside what it places
     if weight_budget is not None:
         # Without --head-bits the allocation places the lm_head too.
         head = None if head_bits is None else head_format(precision, body, head_bits)
@@ -165,7 +177,7 @@ def build_engine(
     try:
         applied = []
         quantization = _plan_quantization(checkpoint_dir, precision, body, head_bits, keep_sensitive,
-                                          (weight_budget, fixed), progress)
+                                          (requested_budget, weight_budget, fixed), progress)
         vision_float, vision_record = _plan_vision_islands(checkpoint_dir, keep_sensitive_vision, backend,
                                                            block_size, symmetric, progress)
         if vision_record:
@@ -229,15 +241,16 @@ def build_engine(
 
 
 def _plan_quantization(checkpoint_dir: Path, precision: str, body, head_bits: int | None, keep_sensitive: int,
-                       budget: tuple[int | None, int | None], progress) -> dict | None:
+                       budget: tuple, progress) -> dict | None:
     """int8/int4: {"overrides": the decoder weights that do not get `body`, "record": the manifest's
     `quantization` (tensors filled in as the passes run; the sensitivities and the budget's
-    allocation, when measured)}. `budget`: (--weight-budget, the bytes per token outside the linears)."""
+    allocation, when measured)}. `budget`: (--weight-budget as given, in bytes, the bytes per token
+    outside the weights it places), all None without one."""
     if precision not in ("int8", "int4"):
         return None
     record: dict = {"default": asdict(body), "tensors": {}}
     sensitive, allocated = [], None
-    weight_budget, fixed = budget
+    requested, weight_budget, fixed = budget
     if keep_sensitive or weight_budget is not None:
         start = time.perf_counter()
         progress(f"sensitivity: each decoder linear alone at {body.label} on {CALIBRATION_TOKENS} calibration tokens")
@@ -252,12 +265,13 @@ def _plan_quantization(checkpoint_dir: Path, precision: str, body, head_bits: in
         progress(f"sensitivity: kept at 8 bits: {ranked}")
         record["sensitivity"]["kept"] = sensitive
     if weight_budget is not None:
-        allocated, record["budget"] = _allocate(checkpoint_dir, body, sensitivities, weight_budget, fixed, progress)
+        allocated, record["budget"] = _allocate(checkpoint_dir, body, sensitivities, requested, weight_budget, fixed,
+                                                progress)
     return {"overrides": weight_overrides(precision, body, head_bits, sensitive, allocated), "record": record}
 
 
-def _allocate(checkpoint_dir: Path, body, sensitivities: dict[str, float], weight_budget: int, fixed: int,
-              progress) -> tuple[dict, dict]:
+def _allocate(checkpoint_dir: Path, body, sensitivities: dict[str, float], requested: int | str, weight_budget: int,
+              fixed: int, progress) -> tuple[dict, dict]:
     """--weight-budget: (weight name -> format, the manifest's record of the allocation)."""
     formats = candidate_formats(body)
     errors, shapes = format_errors(checkpoint_dir, list(sensitivities), formats, progress=progress)
@@ -268,7 +282,7 @@ def _allocate(checkpoint_dir: Path, body, sensitivities: dict[str, float], weigh
              + ", ".join(f"{count} linears {label}" for label, count in sorted(counts.items()))
              + (f"; the lm_head {allocation.formats[head].label}" if head else ""))
     return allocation.formats, {
-        "bytes_per_token": weight_budget, "planned_bytes_per_token": allocation.bytes + fixed,
+        "requested": requested, "bytes_per_token": weight_budget, "planned_bytes_per_token": allocation.bytes + fixed,
         "other_bytes_per_token": fixed, "linear_formats": dict(sorted(counts.items())),
         "estimated_kl_sum": sum(allocation.estimated_kl.values()),
         "format_errors": "relative squared error of each candidate format on "

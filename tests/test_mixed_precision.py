@@ -28,8 +28,27 @@ def decoder_records(engine) -> dict[str, dict]:
     return load_manifest(engine).quantization["tensors"]["decoder"]
 
 
-def test_int4_keeps_the_tied_head_at_8_bits_by_default_and_records_every_weight(tiny_engine):
+def test_int4_default_places_every_weight_within_4_5_bits_per_weight(tiny_checkpoints, tiny_engine):
+    """The int4 default is a weight budget of 4.5 bits per weight over the linears and the lm_head,
+    placed by measured sensitivity: the engine reads what the plan says, within the budget."""
+    from bench.bandwidth import decoder_weight_bytes
+    from export.precision_allocation import budget_bytes, other_bytes_per_token
+    from model_src.config import load_config
+
     engine = tiny_engine("gqa2-tied", precision="int4")
+    manifest = load_manifest(engine)
+    text = load_config(tiny_checkpoints["gqa2-tied"]).text
+    budget = budget_bytes("4.5bpw", text, other_bytes_per_token(text, None, "int8"), head_placed=True)
+    plan = manifest.quantization["budget"]
+    assert plan["bytes_per_token"] == budget and plan["requested"] == "4.5bpw"
+    assert decoder_weight_bytes(engine, manifest) == plan["planned_bytes_per_token"] <= budget
+    records = decoder_records(engine)
+    assert len(records) == 7 * 4 + 1 and {r["reason"] for r in records.values()} <= {"budget", "default"}
+    assert len(manifest.quantization["sensitivity"]["kl"]) == 7 * 4 + 1  # the head measured too
+
+
+def test_int4_uniform_keeps_the_tied_head_at_8_bits_and_records_every_weight(tiny_engine):
+    engine = tiny_engine("gqa2-tied", precision="int4", weight_budget=None)
     manifest = load_manifest(engine)
     assert manifest.quantization["default"] == {"bits": 4, "block_size": 64, "symmetric": True,
                                                 "scale_search": "clip"}
@@ -47,9 +66,9 @@ def test_int4_keeps_the_tied_head_at_8_bits_by_default_and_records_every_weight(
 
 
 def test_head_bits_4_and_untied_heads(tiny_engine):
-    records = decoder_records(tiny_engine("gqa2-tied", precision="int4", head_bits=4))
+    records = decoder_records(tiny_engine("gqa2-tied", precision="int4", head_bits=4, weight_budget=None))
     assert {(r["bits"], r["reason"]) for r in records.values()} == {(4, "default")}
-    untied = decoder_records(tiny_engine("gqa6-untied", precision="int4"))
+    untied = decoder_records(tiny_engine("gqa6-untied", precision="int4", weight_budget=None))
     # An untied lm_head is the head; its embedding is a table read one row per token, 8 bits too.
     assert untied["lm_head.weight"]["bits"] == 8 and untied["lm_head.weight"]["reason"] == "head"
     assert untied[HEAD]["reason"] == "head"
