@@ -26,8 +26,9 @@ def add_parser(subparsers) -> None:
                         help="quantization block size along the input dimension (int8/int4)")
     parser.add_argument("--asymmetric", action="store_true", help="quantize with zero points (int8/int4)")
     parser.add_argument("--head-bits", type=int, choices=(4, 8), default=None,
-                        help="bits of the tied embedding/lm_head (int8/int4; default 8: it is read whole for every "
-                             "token and its errors land on the logits)")
+                        help="bits of the tied embedding/lm_head (int8/int4; default: placed by the weight budget, "
+                             "or 8 with --weight-budget none: it is read whole for every token and its errors land "
+                             "on the logits)")
     parser.add_argument("--scale-search", choices=("clip", "none"), default="clip",
                         help="per-block scales: clip (default) searches clipping ratios and refits for the least "
                              "squared error; none is plain max-abs")

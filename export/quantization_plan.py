@@ -3,13 +3,14 @@
 
 - default: the precision's bits at --block-size, --scale-search.
 - head: the tied embedding/lm_head (or an untied lm_head and its embedding) at --head-bits, 8 by
-  default: read whole for every token, it is the one weight whose errors land on the logits directly
+  default (a weight budget places it instead unless --head-bits is given): read whole for every token, it is the one weight whose errors land on the logits directly
   (llama.cpp gives it 6 bits in its 4-bit types). At 8 bits its block is 128: rounding then is already
   ~1/16 of the 4-bit layers' error and the longer block saves 3% of the bytes read per token.
 - sensitive: with --keep-sensitive N, the N decoder linears whose quantization alone moves the output
   most (export/sensitivity.py), in the head's 8-bit format.
-- budget: with --weight-budget SIZE, every decoder linear in the format export/precision_allocation.py
-  chose for it (4 bits in blocks of 128/64/32 or 8 bits) so that the bytes read per token fit SIZE.
+- budget: with a weight budget (the int4 default), every decoder linear, and the head unless
+  --head-bits fixes it, in the format export/precision_allocation.py chose for it (4 bits in blocks of
+  128/64/32 or 8 bits) so that the bytes read per token fit the budget.
 """
 
 from __future__ import annotations
