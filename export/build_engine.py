@@ -26,6 +26,7 @@ from model_src.checkpoint_settings import generation_settings, image_processor_s
 from model_src.model import Qwen3VL
 from model_src.text import MRotaryEmbedding
 from runtime.engine_manifest import MANIFEST, Manifest, sha256_file
+from runtime.memory_admission import available_memory_bytes
 from runtime.errors import CheckpointError, Qwen3VLError
 from runtime.prompt import load_chat_template
 
@@ -39,7 +40,7 @@ from .engine_folder import EngineReplacement, check_target
 from .precision_allocation import (SAMPLE_ROWS, allocate, budget_bytes, candidate_formats, format_errors,
                                    other_bytes_per_token, smallest_bytes_per_token)
 from .quantization_plan import DEFAULT_SCALE_SEARCH, HEAD_WEIGHTS, body_format, head_format, weight_overrides
-from .sensitivity import CALIBRATION_TOKENS, linear_sensitivities, most_sensitive
+from .sensitivity import CALIBRATION_TOKENS, linear_sensitivities, memory_needed, most_sensitive
 from .kv_calibration import calibrate_kv_scales
 from .stand_in_weights import attach_weights, use_stand_in_parameters
 from .trt_engine import write_graph_io
@@ -135,7 +136,8 @@ def build_engine(
                            f"not {precision}")
     if keep_sensitive < 0:
         raise Qwen3VLError(f"--keep-sensitive {keep_sensitive}: give a count of linears, 0 or more")
-    if weight_budget == "default":
+    default_budget = weight_budget == "default"
+    if default_budget:
         weight_budget = None if keep_sensitive or not apply_graph_passes else DEFAULT_WEIGHT_BUDGET.get(precision)
     elif isinstance(weight_budget, str) and weight_budget.strip().lower() == "none":
         weight_budget = None
@@ -155,6 +157,9 @@ def build_engine(
     if max_context > config.text.max_position_embeddings:
         raise Qwen3VLError(f"--max-context {max_context} exceeds the model's "
                            f"{config.text.max_position_embeddings} positions")
+    if (keep_sensitive or weight_budget is not None) and not _memory_for_sensitivities(
+            config, body, weight_budget is not None, default_budget, progress):
+        weight_budget = None  # the default's fallback: every linear in the body format
     fixed, requested_budget = None, weight_budget  # with a weight budget: the bytes read outside what it places
     if weight_budget is not None:
         # Without --head-bits the allocation places the lm_head too.
@@ -238,6 +243,22 @@ def build_engine(
         replacement.abort()
         raise
     return out
+
+
+def _memory_for_sensitivities(config, body, budget: bool, default_budget: bool, progress) -> bool:
+    """Whether this machine has the memory to measure sensitivities. Where it has not: an explicit
+    --weight-budget or --keep-sensitive is refused; the int4 default's budget falls back to every
+    linear in the body format, said in the log (False)."""
+    need, free = memory_needed(config), available_memory_bytes()
+    if free is None or need <= free:
+        return True
+    message = (f"measuring the decoder's sensitivities needs ~{need / 2**30:.1f} GiB of memory and "
+               f"{free / 2**30:.1f} GiB is available")
+    if budget and default_budget:
+        progress(f"weight budget: skipped ({message}): every linear at {body.label}, as with --weight-budget none")
+        return False
+    alternative = "--weight-budget none" if budget else "no --keep-sensitive"
+    raise Qwen3VLError(f"{message}: build on a machine with more memory, or with {alternative}")
 
 
 def _plan_quantization(checkpoint_dir: Path, precision: str, body, head_bits: int | None, keep_sensitive: int,

@@ -26,6 +26,8 @@ from model_src.model import Qwen3VL
 from model_src.text import MRotaryEmbedding
 from runtime.errors import CheckpointError
 
+from .precision_allocation import linear_shapes
+
 # The linears of one decoder layer, as the graph names their weights (language_model.layers.N.<this>.weight).
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -37,6 +39,21 @@ CALIBRATION_TEXT = (
     "opened her shutters; the smell of bread drifted down to the water, where a girl with a red scarf "
     "was sketching the lighthouse in a notebook full of numbers, maps and half-finished letters."
 )
+
+
+# Peak resident memory of a build that measures sensitivities, per byte of the text model's weights in
+# FP32 (the pass holds them all): measured on the 2B shape, 11.2 GB for 6.9 GB of weights.
+PEAK_PER_FP32_WEIGHT_BYTE = 1.65
+
+
+def memory_needed(config) -> int:
+    """Bytes a build needs free to measure the decoder's sensitivities (export/build_engine.py checks
+    it first: a clear refusal, or the int4 default's fallback, instead of the kernel's OOM killer)."""
+    t = config.text
+    layers = t.num_hidden_layers * (sum(n * k for n, k in linear_shapes(t).values())
+                                    + 2 * (t.hidden_size + t.head_dim))
+    tables = t.vocab_size * t.hidden_size * (1 if config.tie_word_embeddings else 2)
+    return int(PEAK_PER_FP32_WEIGHT_BYTE * 4 * (layers + tables))
 
 
 def weight_name(layer: int, linear: str) -> str:

@@ -205,6 +205,27 @@ def test_weight_budget_places_the_head_unless_head_bits_is_given(tiny_checkpoint
     assert not (tmp_path / "under").exists()
 
 
+def test_without_the_memory_to_measure_the_default_falls_back_and_explicit_requests_are_refused(
+        tiny_checkpoints, tmp_path, monkeypatch):
+    import export.build_engine as build
+    from runtime.errors import Qwen3VLError
+
+    monkeypatch.setattr(build, "available_memory_bytes", lambda: 1 << 20)
+    checkpoint, lines = tiny_checkpoints["gqa2-tied"], []
+    build.build_engine(checkpoint, tmp_path / "default", precision="int4", progress=lines.append)
+    assert any(line.startswith("weight budget: skipped (measuring the decoder's sensitivities needs ~")
+               for line in lines), lines
+    quantization = load_manifest(tmp_path / "default").quantization
+    assert "budget" not in quantization and "sensitivity" not in quantization
+    assert quantization["tensors"]["decoder"][HEAD]["reason"] == "head"
+    for options, alternative in (({"weight_budget": "4.5bpw"}, "--weight-budget none"),
+                                 ({"keep_sensitive": 2}, "no --keep-sensitive")):
+        with pytest.raises(Qwen3VLError, match=f"GiB is available: build on a machine with more memory, or with "
+                                               f"{alternative}"):
+            build.build_engine(checkpoint, tmp_path / "refused", precision="int4", **options)
+        assert not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("arguments,fragments", [
     (["--precision", "int8", "--keep-sensitive", "2"], ["--keep-sensitive", "--precision int4"]),
     (["--precision", "fp32", "--head-bits", "8"], ["--head-bits", "fp32"]),
