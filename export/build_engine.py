@@ -167,6 +167,8 @@ def build_engine(
         fixed = other_bytes_per_token(config.text, head, kv_dtype, kv_scales)
         weight_budget = budget_bytes(weight_budget, config.text, fixed, head_placed=head is None)
         least = fixed + smallest_bytes_per_token(config.text, body, head_placed=head is None)
+        if weight_budget < least and default_budget:
+            weight_budget = least  # small inputs pad their blocks: the default then is the cheapest layout
         if weight_budget < least:
             raise Qwen3VLError(f"--weight-budget {weight_budget / 1e9:.3f} GB is under the {least / 1e9:.3f} GB this "
                                f"model reads per token with every linear{' and the lm_head' if head is None else ''} "

@@ -47,6 +47,21 @@ def test_int4_default_places_every_weight_within_4_5_bits_per_weight(tiny_checkp
     assert len(manifest.quantization["sensitivity"]["kl"]) == 7 * 4 + 1  # the head measured too
 
 
+def test_the_default_budget_never_refuses_a_layout_whose_smallest_formats_exceed_it(tiny_checkpoints, tmp_path):
+    """Asymmetric 4-bit blocks on the tiny model's short rows (blocks padded to K) need more than 4.5
+    bits per weight in every format: the default then takes the cheapest layout; an explicit 4.5bpw
+    is refused."""
+    from export.build_engine import build_engine
+    from runtime.errors import Qwen3VLError
+
+    checkpoint = tiny_checkpoints["gqa2-tied"]
+    build_engine(checkpoint, tmp_path / "asym", precision="int4", symmetric=False)
+    plan = load_manifest(tmp_path / "asym").quantization["budget"]
+    assert plan["requested"] == "4.5bpw" and plan["planned_bytes_per_token"] == plan["bytes_per_token"]
+    with pytest.raises(Qwen3VLError, match="in 4-bit blocks of 128"):
+        build_engine(checkpoint, tmp_path / "refused", precision="int4", symmetric=False, weight_budget="4.5bpw")
+
+
 def test_int4_uniform_keeps_the_tied_head_at_8_bits_and_records_every_weight(tiny_engine):
     engine = tiny_engine("gqa2-tied", precision="int4", weight_budget=None)
     manifest = load_manifest(engine)
