@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graph_passes.quantize_weights import WeightFormat, dequantize_blockwise, quantize_blockwise, stored_block_size
+from graph_passes.quantize_weights import WeightFormat, round_trip, stored_block_size
 from model_src.checkpoint import checkpoint_name, iter_tensors, weight_files
 from runtime.errors import Qwen3VLError
 
@@ -118,10 +118,7 @@ def format_errors(checkpoint_dir: str | Path, names: list[str], formats: list[We
         energy = float(np.square(sample, dtype=np.float64).sum()) or 1.0
         errors[name] = {}
         for form in formats:
-            block_size = stored_block_size(form.block_size, sample.shape[1])
-            packed = quantize_blockwise(sample, form.bits, block_size, form.symmetric, rows=True,
-                                        scale_search=form.scale_search)
-            restored = dequantize_blockwise(*packed, sample.shape[1], form.bits, block_size, rows=True)
+            restored = round_trip(sample, form)
             errors[name][form] = float(np.square(restored - sample, dtype=np.float64).sum()) / energy
         if count % 28 == 0 or count == len(theirs):
             progress(f"format errors: {count}/{len(theirs)} weights")

@@ -15,18 +15,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from graph_passes.quantize_weights import WeightFormat, dequantize_blockwise, quantize_blockwise, stored_block_size
+from graph_passes.quantize_weights import WeightFormat, round_trip
 from model_src.checkpoint import checkpoint_name, iter_tensors, weight_files
 from model_src.config import load_config
 from model_src.model import Qwen3VL
 from model_src.text import MRotaryEmbedding
 from runtime.errors import CheckpointError
 
-from .precision_allocation import linear_shapes
+from .precision_allocation import placed_parameters
 
 # The linears of one decoder layer, as the graph names their weights (language_model.layers.N.<this>.weight).
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -50,10 +49,9 @@ def memory_needed(config) -> int:
     """Bytes a build needs free to measure the decoder's sensitivities (export/build_engine.py checks
     it first: a clear refusal, or the int4 default's fallback, instead of the kernel's OOM killer)."""
     t = config.text
-    layers = t.num_hidden_layers * (sum(n * k for n, k in linear_shapes(t).values())
-                                    + 2 * (t.hidden_size + t.head_dim))
-    tables = t.vocab_size * t.hidden_size * (1 if config.tie_word_embeddings else 2)
-    return int(PEAK_PER_FP32_WEIGHT_BYTE * 4 * (layers + tables))
+    norms = t.num_hidden_layers * 2 * (t.hidden_size + t.head_dim)
+    untied_embedding = 0 if config.tie_word_embeddings else t.vocab_size * t.hidden_size
+    return int(PEAK_PER_FP32_WEIGHT_BYTE * 4 * (placed_parameters(t, head_placed=True) + norms + untied_embedding))
 
 
 def weight_name(layer: int, linear: str) -> str:
@@ -101,7 +99,7 @@ def linear_sensitivities(checkpoint_dir: str | Path, form: WeightFormat, tokens:
         for linear in LAYER_LINEARS:
             module = block.get_submodule(linear)
             original = module.weight.data
-            module.weight.data = torch.from_numpy(_fake_quantized(original.numpy(), form))
+            module.weight.data = torch.from_numpy(round_trip(original.numpy(), form))
             outputs.append(block(inputs[layer], cos, sin, empty, empty, seqlens_k, total)[0])
             module.weight.data = original
         logprobs = run_from(layer + 1, torch.cat(outputs))
@@ -113,7 +111,7 @@ def linear_sensitivities(checkpoint_dir: str | Path, form: WeightFormat, tokens:
                  f"most sensitive here {worst[1]} KL {worst[0]:.2e}")
     if include_head:
         tied = head is decoder.embed_tokens.weight
-        quantized = torch.from_numpy(_fake_quantized(head.numpy(), form))
+        quantized = torch.from_numpy(round_trip(head.numpy(), form))
         x = torch.nn.functional.embedding(ids, quantized) if tied else inputs[-1]
         if tied:
             for block in decoder.layers:
@@ -128,15 +126,6 @@ def linear_sensitivities(checkpoint_dir: str | Path, form: WeightFormat, tokens:
 
 def most_sensitive(sensitivities: dict[str, float], count: int) -> list[str]:
     return sorted(sensitivities, key=lambda name: -sensitivities[name])[:count]
-
-
-def _fake_quantized(weight: np.ndarray, form: WeightFormat) -> np.ndarray:
-    """quantize -> dequantize of a (out, in) linear weight along `in`, with the pass's block rule."""
-    k = weight.shape[1]
-    block_size = stored_block_size(form.block_size, k)
-    packed = quantize_blockwise(weight, form.bits, block_size, form.symmetric, rows=True,
-                                scale_search=form.scale_search)
-    return dequantize_blockwise(*packed, k, form.bits, block_size, rows=True)
 
 
 def _load_text_model(checkpoint_dir: Path):

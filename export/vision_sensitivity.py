@@ -25,9 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graph_passes.quantize_dynamic_int8 import quantize_columns
-from graph_passes.quantize_weights import WeightFormat
-
-from .sensitivity import _fake_quantized
+from graph_passes.quantize_weights import WeightFormat, round_trip
 
 # The linears of one vision block, as the graph names their weights (visual.blocks.N.<this>.weight).
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")
@@ -73,7 +71,7 @@ class DynamicQuantizeLinear(nn.Module):
     def __init__(self, linear: nn.Linear, weight_only: WeightFormat | None = None):
         super().__init__()
         weight = linear.weight.detach().float().numpy()
-        stored = int8_column_weight(weight) if weight_only is None else _fake_quantized(weight, weight_only)
+        stored = int8_column_weight(weight) if weight_only is None else round_trip(weight, weight_only)
         self.weight = torch.from_numpy(stored)
         self.bias = linear.bias
         self.quantize_activations = weight_only is None

@@ -103,6 +103,16 @@ def stored_block_size(block_size: int, k: int) -> int:
     return min(block_size, max(16, 1 << (k - 1).bit_length()))
 
 
+def round_trip(weight: np.ndarray, form: "WeightFormat") -> np.ndarray:
+    """An (out, in) weight quantized along `in` in `form` as the pass stores it (stored_block_size's
+    block) and dequantized back: what a quantized graph computes with."""
+    k = weight.shape[1]
+    block_size = stored_block_size(form.block_size, k)
+    packed = quantize_blockwise(weight, form.bits, block_size, form.symmetric, rows=True,
+                                scale_search=form.scale_search)
+    return dequantize_blockwise(*packed, k, form.bits, block_size, rows=True)
+
+
 def _check_format(bits: int, block_size: int) -> None:
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
